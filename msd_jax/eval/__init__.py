@@ -1,0 +1,1 @@
+from msd_jax.eval.linear import evaluate_features

@@ -1,0 +1,87 @@
+"""Model upload: sites train their own models from one initial student and upload only those; the
+server merges them by one-shot distillation on tokens it holds.
+
+Independently trained DINO heads do not share prototype order, so their outputs are never averaged.
+The global student gets one projection head per site teacher over one shared body; head s starts as
+site s's head and learns to match site s's centred, sharpened output.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msd_jax import encrypt, shards, train
+from msd_jax.federation import model_io
+from msd_jax.federation.token_upload import load_uploaded_tokens
+from msd_jax.layout import PROXY, Workdir
+from msd_jax.models import vit
+
+
+def send_initial(config, wd: Workdir) -> int:
+    """Server: writes the initial student every site starts from; returns its bytes."""
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    return model_io.save_params(wd.initial, train.init_student_params(config), model_cfg,
+                                role="initial student")
+
+
+def train_site(config, wd: Workdir, site: str, log=print) -> int:
+    """Site: trains on its own shards from the initial student; writes uploads/<site>/ (the EMA
+    teacher, the site's model) and returns the bytes uploaded."""
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    _, fingerprint = encrypt.load_head(wd.head, model_cfg)
+    tokens, _ = shards.load_shards(wd.shards(site), expected_fingerprint=fingerprint)
+    template = train.init_student_params(config)
+    initial, _ = model_io.load_params(wd.initial, template, model_cfg)
+    state = train.train(config, party=site, tokens=tokens, init_params=initial,
+                        ckpt_dir=wd.checkpoints(site), metrics_path=wd.metrics(site),
+                        total_steps=config.train.site_steps, log=log)
+    return model_io.save_params(wd.upload(site), state.ema_params, model_cfg, site=site,
+                                num_images=int(len(tokens)), steps=config.train.site_steps)
+
+
+def merged_init(site_params: list, initial, how: str):
+    """The global student before distillation: one head per site (copied from that site) over a body
+    that is either the sites' average or the initial body."""
+    if how == "average":
+        body = jax.tree_util.tree_map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0),
+                                      *[p["body"] for p in site_params])
+    else:
+        body = initial["body"]
+    student = {"body": body}
+    for i, p in enumerate(site_params):
+        student[f"heads_{i}"] = p["heads_0"]
+    return jax.device_get(student)
+
+
+def distillation_tokens(config, wd: Workdir, fingerprint: str, sites: list[str]) -> np.ndarray:
+    if config.merge.data == "proxy":
+        if not os.path.isdir(wd.shards(PROXY)):
+            raise FileNotFoundError(f"{wd.shards(PROXY)}: no proxy shards (config.merge.data='proxy' "
+                                    "needs a proxy set encrypted with the same head)")
+        return shards.load_shards(wd.shards(PROXY), expected_fingerprint=fingerprint)[0]
+    return load_uploaded_tokens(wd, fingerprint, wd.uploaded_sites())
+
+
+def merge(config, wd: Workdir, log=print):
+    """Server: one-shot distillation of the uploaded site models into one student. Returns the
+    merged student's EMA parameters {'body', 'heads_0', ...}."""
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    _, fingerprint = encrypt.load_head(wd.head, model_cfg)
+    sites = wd.uploaded_models()
+    if not sites:
+        raise FileNotFoundError(f"{wd.upload('')}: no site models uploaded (run --mode site at the sites)")
+    template = train.init_student_params(config)
+    site_params = [model_io.load_params(wd.upload(s), template, model_cfg)[0] for s in sites]
+    tokens = distillation_tokens(config, wd, fingerprint, sites)
+    student = merged_init(site_params, template, config.merge.init)
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *site_params)
+    log(f"[server] merging {len(sites)} site models by one-shot distillation on "
+        f"{len(tokens)} {config.merge.data} token sets")
+    state = train.train(config, party="server_merge", tokens=tokens, init_params=student,
+                        ckpt_dir=wd.checkpoints("server_merge"), metrics_path=wd.metrics("server_merge"),
+                        total_steps=config.merge.num_steps, num_heads_out=len(sites),
+                        site_params=stacked, log=log)
+    return state.ema_params

@@ -1,0 +1,33 @@
+"""Token upload (the paper's protocol): the server trains on the union of the uploaded shards."""
+from __future__ import annotations
+
+import numpy as np
+
+from msd_jax import encrypt, shards, train
+from msd_jax.layout import Workdir
+from msd_jax.models import vit
+
+
+def load_uploaded_tokens(wd: Workdir, fingerprint: str, sites: list[str]) -> np.ndarray:
+    """Verified tokens of every site, concatenated (ids are positions in this union)."""
+    if not sites:
+        raise FileNotFoundError(f"{wd.shards('')}: no site shards found (run --mode encrypt at the sites "
+                                "and copy each shards/<site>/ folder here)")
+    parts = [shards.load_shards(wd.shards(s), expected_fingerprint=fingerprint)[0] for s in sites]
+    shapes = {p.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise shards.ShardError(f"{wd.shards('')}: sites uploaded tokens of different shapes {shapes} "
+                                "(config.encrypt.keep_ratio must be the same at every site)")
+    return np.concatenate(parts)
+
+
+def train_server(config, wd: Workdir, log=print):
+    """Returns the trained teacher's parameters {'body', 'heads_0'}."""
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    _, fingerprint = encrypt.load_head(wd.head, model_cfg)
+    tokens = load_uploaded_tokens(wd, fingerprint, wd.uploaded_sites())
+    state = train.train(config, party="server", tokens=tokens,
+                        init_params=train.init_student_params(config),
+                        ckpt_dir=wd.checkpoints("server"), metrics_path=wd.metrics("server"),
+                        total_steps=config.train.num_steps, log=log)
+    return state.ema_params

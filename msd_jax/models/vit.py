@@ -1,0 +1,276 @@
+"""Vision Transformer split at the privacy boundary.
+
+`PatchHead` runs at the sites: a linear patch embedding plus the patch position embedding. Its output
+tokens carry their position inside the vector, so the server never needs to know where a token came
+from. `Body` runs at the server: CLS token, pre-norm transformer blocks, final norm. Without position
+information self-attention is permutation-equivariant, so the CLS output is invariant to the order of
+the tokens. `DINOHead` is DINO's projection head.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VARIANTS = {
+    # name: (embed_dim, depth, num_heads)
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+}
+
+trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Static shape of a ViT; built from `config.model` (see `from_config`)."""
+    image_size: int = 64
+    patch_size: int = 8
+    channels: int = 1
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    pos_embed: str = "sincos"  # 'sincos' (fixed 2-D sin-cos) or 'random' (trunc-normal 0.02)
+    out_dim: int = 4096
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    dtype: str = "float32"  # compute dtype of the body; parameters stay float32
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    def validate(self) -> "ViTConfig":
+        if self.channels not in (1, 3):
+            raise ValueError(f"config.model.channels: expected 1 or 3, got {self.channels}")
+        if self.patch_size < 1 or self.image_size < self.patch_size:
+            raise ValueError(f"config.model.image_size={self.image_size} must be >= "
+                             f"config.model.patch_size={self.patch_size} >= 1")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"config.model.image_size={self.image_size} is not divisible by "
+                             f"config.model.patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"config.model.embed_dim={self.embed_dim} is not divisible by "
+                             f"config.model.num_heads={self.num_heads}")
+        if self.pos_embed not in ("sincos", "random"):
+            raise ValueError(f"config.model.pos_embed: expected 'sincos' or 'random', got {self.pos_embed!r}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ValueError(f"config.model.embed_dim={self.embed_dim} must be divisible by 4 for sincos")
+        return self
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "ViTConfig":
+        """`model_cfg.variant` ('Ti' | 'S' | 'B' | 'custom') fills embed_dim/depth/num_heads."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in dict(model_cfg).items() if k in fields}
+        variant = model_cfg.get("variant", "custom")
+        if variant != "custom":
+            if variant not in VARIANTS:
+                raise ValueError(f"config.model.variant: expected one of {sorted(VARIANTS)} or "
+                                 f"'custom', got {variant!r}")
+            kw["embed_dim"], kw["depth"], kw["num_heads"] = VARIANTS[variant]
+        return cls(**kw).validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embedding [grid*grid, embed_dim] (MAE / MoCo v3 layout)."""
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
+                         indexing="ij")
+    out_y = ys.reshape(-1, 1) * omega[None]
+    out_x = xs.reshape(-1, 1) * omega[None]
+    emb = np.concatenate([np.sin(out_x), np.cos(out_x), np.sin(out_y), np.cos(out_y)], axis=1)
+    return emb.astype(np.float32)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], rows of patches in raster order."""
+    b, h, w, c = images.shape
+    p = patch_size
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class PatchHead(nn.Module):
+    """Client-side head: linear patch embedding + position embedding. Fixed during training."""
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+            raise ValueError(f"PatchHead expects images [B, {cfg.image_size}, {cfg.image_size}, "
+                             f"{cfg.channels}], got {tuple(images.shape)}")
+        patches = patchify(images.astype(jnp.float32), cfg.patch_size)
+        tokens = nn.Dense(cfg.embed_dim, name="patch_embed",
+                          kernel_init=nn.initializers.lecun_normal())(patches)
+        if cfg.pos_embed == "sincos":
+            init = lambda *_: jnp.asarray(sincos_pos_embed(cfg.embed_dim, cfg.grid))[None]
+        else:
+            init = trunc_normal
+        pos = self.param("pos_embed", init, (1, cfg.num_patches, cfg.embed_dim))
+        return tokens + pos
+
+
+class MlpBlock(nn.Module):
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
+
+
+class Attention(nn.Module):
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, return_weights: bool = False):
+        b, n, d = x.shape
+        hd = d // self.num_heads
+        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
+        q, k, v = (t[:, :, 0] for t in (q, k, v))  # [b, n, h, hd]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).reshape(b, n, d)
+        out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
+        return (out, weights) if return_weights else out
+
+
+class Block(nn.Module):
+    num_heads: int
+    mlp_ratio: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, return_weights: bool = False):
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+        y = Attention(self.num_heads, self.dtype, name="attn")(y, return_weights)
+        if return_weights:
+            y, weights = y
+        x = x + y
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+        x = x + MlpBlock(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(y)
+        return (x, weights) if return_weights else x
+
+
+class Body(nn.Module):
+    """Server-side body. Input: tokens [B, n, D] in any order (any n); output: normed tokens
+    [B, 1 + n, D], CLS first. With `return_attention`, also the last block's attention weights."""
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, return_attention: bool = False):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        b = tokens.shape[0]
+        cls = self.param("cls_token", trunc_normal, (1, 1, cfg.embed_dim))
+        cls_pos = self.param("cls_pos_embed", trunc_normal, (1, 1, cfg.embed_dim))
+        x = jnp.concatenate([jnp.broadcast_to(cls + cls_pos, (b, 1, cfg.embed_dim)),
+                             tokens.astype(jnp.float32)], axis=1).astype(dtype)
+        weights = None
+        for i in range(cfg.depth):
+            last = return_attention and i == cfg.depth - 1
+            x = Block(cfg.num_heads, cfg.mlp_ratio, dtype, name=f"block{i}")(x, last)
+            if last:
+                x, weights = x
+        x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(x.astype(jnp.float32))
+        return (x, weights) if return_attention else x
+
+
+class DINOHead(nn.Module):
+    """MLP -> bottleneck -> L2 normalise -> weight-normalised last layer (norm fixed to 1)."""
+    out_dim: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        if self.num_layers == 1:
+            x = nn.Dense(self.bottleneck_dim, kernel_init=trunc_normal, name="mlp0")(x)
+        else:
+            for i in range(self.num_layers - 1):
+                x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=trunc_normal, name=f"mlp{i}")(x),
+                            approximate=False)
+            x = nn.Dense(self.bottleneck_dim, kernel_init=trunc_normal,
+                         name=f"mlp{self.num_layers - 1}")(x)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        v = self.param("last_layer", trunc_normal, (self.bottleneck_dim, self.out_dim))
+        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+        return x @ w
+
+
+class Student(nn.Module):
+    """Body + `num_heads_out` DINO heads sharing it. One head for self-distillation; one head per
+    site teacher for one-shot merging. Returns logits [num_heads_out, B, out_dim]."""
+    cfg: ViTConfig
+    num_heads_out: int = 1
+
+    def setup(self):
+        self.body = Body(self.cfg)
+        self.heads = [DINOHead(self.cfg.out_dim, self.cfg.head_hidden_dim, self.cfg.head_bottleneck_dim,
+                               self.cfg.head_layers)
+                      for _ in range(self.num_heads_out)]
+
+    def __call__(self, tokens):
+        cls = self.body(tokens)[:, 0]
+        return jnp.stack([h(cls) for h in self.heads])
+
+    def features(self, tokens):
+        return self.body(tokens)[:, 0]
+
+
+def init_head(cfg: ViTConfig, key: jax.Array) -> dict:
+    dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+    return PatchHead(cfg).init(key, dummy)["params"]
+
+
+def init_student(cfg: ViTConfig, key: jax.Array, num_heads_out: int = 1) -> dict:
+    dummy = jnp.zeros((1, 2, cfg.embed_dim), jnp.float32)
+    return Student(cfg, num_heads_out).init(key, dummy)["params"]
+
+
+def encode_cls(cfg: ViTConfig, body_params: dict, tokens: jax.Array) -> jax.Array:
+    """CLS feature of a batch of (encrypted or plain) tokens, from the body parameters alone."""
+    return Body(cfg).apply({"params": body_params}, tokens)[:, 0]
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def param_shapes(tree) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): list(x.shape) for p, x in flat}
+
+
+def is_decay_param(path: Sequence[Any], _leaf=None) -> bool:
+    """DINO excludes biases, norms, the CLS token and position embeddings from weight decay."""
+    last = getattr(path[-1], "key", str(path[-1]))
+    return last not in ("bias", "scale", "cls_token", "cls_pos_embed", "pos_embed")

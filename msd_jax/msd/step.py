@@ -1,0 +1,215 @@
+"""The one masked-sampling-distillation step that every protocol trains with.
+
+State is a plain pytree. The step is one `jax.jit` over a 1-D device mesh: the batch is sharded
+along the mesh axis 'data', the state is replicated, and XLA inserts the gradient all-reduce. The
+same function therefore runs unchanged on one CPU and on N devices.
+
+Two sources of teachers share the step:
+- self-distillation (site training, token-upload server): the teacher is the EMA of the student;
+- one-shot merging (model upload): the teachers are the fixed site models, one student head each,
+  over one shared student body; the EMA of the student is kept as the output model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from msd_jax.models import vit
+from msd_jax.msd import loss as loss_lib
+from msd_jax.msd import schedules
+from msd_jax.msd import views as views_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array        # int32 scalar: optimizer steps taken
+    params: Any            # student: {'body', 'heads_0', ...}
+    ema_params: Any        # EMA of the student (the teacher in self-distillation)
+    opt_state: Any         # Adam moments
+    center: jax.Array      # [num_heads_out, out_dim] teacher centre per head
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Every number the step needs, resolved to steps (see `from_config`)."""
+    total_steps: int
+    num_global: int = 2
+    size_global: int = 32
+    num_local: int = 6
+    size_local: int = 13
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup_steps: int = 0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.999
+
+    @classmethod
+    def from_config(cls, config, num_tokens: int, total_steps: int, steps_per_epoch: int,
+                    batch_size: int) -> "StepConfig":
+        m, o = config.msd, config.optim
+        if m.num_global < 1:
+            raise ValueError(f"config.msd.num_global: expected >= 1, got {m.num_global}")
+        if m.num_local < 0:
+            raise ValueError(f"config.msd.num_local: expected >= 0, got {m.num_local}")
+        if m.num_global + m.num_local < 2:
+            raise ValueError("config.msd: need at least two views in all (num_global + num_local >= 2)")
+        if total_steps < 1:
+            raise ValueError(f"training budget: expected >= 1 step, got {total_steps}")
+        return cls(
+            total_steps=total_steps,
+            num_global=m.num_global,
+            size_global=views_lib.view_size(num_tokens, m.ratio_global, "ratio_global"),
+            num_local=m.num_local,
+            size_local=views_lib.view_size(num_tokens, m.ratio_local, "ratio_local"),
+            student_temp=m.student_temp,
+            teacher_temp=m.teacher_temp,
+            warmup_teacher_temp=m.warmup_teacher_temp,
+            teacher_temp_warmup_steps=int(round(m.teacher_temp_warmup_frac * total_steps)),
+            center_momentum=m.center_momentum,
+            momentum_teacher=m.momentum_teacher,
+            lr=o.lr * batch_size / 256.0,  # DINO's linear scaling rule
+            min_lr=o.min_lr,
+            warmup_steps=int(round(o.warmup_frac * total_steps)),
+            weight_decay=o.weight_decay,
+            weight_decay_end=o.weight_decay_end,
+            clip_grad=o.clip_grad,
+            freeze_last_layer_steps=int(round(o.freeze_last_layer_epochs * steps_per_epoch)),
+            b1=o.b1,
+            b2=o.b2,
+        )
+
+
+def _adam(sc: StepConfig) -> optax.GradientTransformation:
+    return optax.scale_by_adam(b1=sc.b1, b2=sc.b2, eps=1e-8)
+
+
+def init_state(params, center_heads: int, out_dim: int, sc: StepConfig) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree_util.tree_map(jnp.array, params),
+                      opt_state=_adam(sc).init(params),
+                      center=jnp.zeros((center_heads, out_dim), jnp.float32))
+
+
+def clip_per_tensor(grads, max_norm: float):
+    """DINO's clip_gradients: each parameter tensor's gradient norm is clipped to `max_norm`."""
+    if max_norm <= 0:
+        return grads
+    def clip(g):
+        norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+        return g * jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree_util.tree_map(clip, grads)
+
+
+def _is_last_layer(path) -> bool:
+    return getattr(path[-1], "key", None) == "last_layer"
+
+
+def schedule_values(sc: StepConfig, step) -> dict:
+    return dict(
+        lr=schedules.warmup_cosine(step, sc.lr, sc.min_lr, sc.total_steps, sc.warmup_steps),
+        weight_decay=schedules.warmup_cosine(step, sc.weight_decay, sc.weight_decay_end, sc.total_steps),
+        momentum=schedules.warmup_cosine(step, sc.momentum_teacher, 1.0, sc.total_steps),
+        teacher_temp=schedules.linear_warmup(step, sc.warmup_teacher_temp, sc.teacher_temp,
+                                             sc.teacher_temp_warmup_steps),
+    )
+
+
+def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int = 1,
+                    merge: bool = False) -> Callable:
+    """Returns the un-jitted step(state, tokens, example_ids, key[, site_params]) -> (state, metrics).
+
+    tokens [B, N, D] (any float dtype), example_ids [B] int32 global ids, key: the run's base key
+    (folded with the step inside, so a resumed run draws the same views). With `merge`, site_params
+    is the stacked pytree of the site students (leading axis = site) that act as fixed teachers.
+    """
+    student = vit.Student(model_cfg, num_heads_out)
+    site_model = vit.Student(model_cfg, 1)
+    adam = _adam(sc)
+
+    def split_views(logits, num_views):  # [H, V*B, K] -> [H, V, B, K]
+        h, vb, k = logits.shape
+        return logits.reshape(h, num_views, vb // num_views, k)
+
+    def step_fn(state: TrainState, tokens, example_ids, key, site_params=None):
+        hp = schedule_values(sc, state.step)
+        step_key = jax.random.fold_in(key, state.step)
+        g_views, l_views = views_lib.make_views(step_key, tokens, example_ids, sc.num_global,
+                                                sc.size_global, sc.num_local, sc.size_local)
+        if merge:  # every site model scores the global views: [S, G, B, K]
+            t_logits = jax.vmap(lambda p: site_model.apply({"params": p}, g_views)[0])(site_params)
+        else:
+            t_logits = student.apply({"params": state.ema_params}, g_views)
+        t_logits = jax.lax.stop_gradient(split_views(t_logits, sc.num_global))
+
+        def loss_fn(params):
+            s_logits = split_views(student.apply({"params": params}, g_views), sc.num_global)
+            if l_views is not None:
+                s_local = split_views(student.apply({"params": params}, l_views), sc.num_local)
+                s_logits = jnp.concatenate([s_logits, s_local], axis=1)
+            loss, probs = loss_lib.dino_loss(s_logits, t_logits, state.center, sc.student_temp,
+                                             hp["teacher_temp"])
+            return loss, probs
+
+        (loss, t_probs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = clip_per_tensor(grads, sc.clip_grad)
+        grad_norm = optax.global_norm(grads)
+        adam_updates, opt_state = adam.update(grads, state.opt_state, state.params)
+        frozen = state.step < sc.freeze_last_layer_steps
+
+        def apply_update(path, p, u):  # decoupled weight decay as in AdamW: p -= lr (u + wd p)
+            wd = hp["weight_decay"] if vit.is_decay_param(path) else 0.0
+            new = p - hp["lr"] * (u + wd * p)
+            return jnp.where(frozen, p, new) if _is_last_layer(path) else new
+
+        params = jax.tree_util.tree_map_with_path(apply_update, state.params, adam_updates)
+        m = hp["momentum"]
+        ema = jax.tree_util.tree_map(lambda e, p: m * e + (1.0 - m) * p, state.ema_params, params)
+        center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
+        new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
+                               opt_state=opt_state, center=center)
+        metrics = dict(loss=loss, teacher_entropy=loss_lib.mean_entropy(t_probs),
+                       grad_norm=grad_norm, **hp)
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_mesh(devices: Optional[list] = None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    return Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh, merge: bool = False) -> Callable:
+    """jit over the mesh: state (and site teachers) replicated, batch sharded on 'data'."""
+    replicated = NamedSharding(mesh, P())
+    batch = NamedSharding(mesh, P("data"))
+    in_shardings = (replicated, batch, batch, replicated) + ((replicated,) if merge else ())
+    return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(replicated, replicated),
+                   donate_argnums=(0,))
+
+
+def shard_batch(mesh: Mesh, *arrays):
+    """Place host arrays on the mesh, split along the batch axis."""
+    sharding = NamedSharding(mesh, P("data"))
+    return tuple(jax.device_put(a, sharding) for a in arrays)
+
+
+def replicate(mesh: Mesh, tree):
+    return jax.device_put(tree, NamedSharding(mesh, P()))

@@ -1,0 +1,165 @@
+"""One function per party and mode. Each reads and writes only folders of the work directory
+(see layout.py), so the parties can run on different machines with those folders copied between."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from msd_jax import encrypt, shards, train
+from msd_jax.data import sites as sites_lib
+from msd_jax.eval import evaluate_features
+from msd_jax.eval.features import extract_features
+from msd_jax.federation import model_io, model_upload, token_upload
+from msd_jax.layout import PROXY, Workdir
+from msd_jax.models import vit
+
+
+def _record(wd: Workdir, phase: str, **fields) -> None:
+    """Timing and bytes of a phase, for the report (phases may run on different machines)."""
+    os.makedirs(os.path.join(wd.root, "records"), exist_ok=True)
+    with open(os.path.join(wd.root, "records", f"{phase}.json"), "w") as f:
+        json.dump(fields, f, indent=1)
+
+
+def _read_records(wd: Workdir) -> dict:
+    root = os.path.join(wd.root, "records")
+    if not os.path.isdir(root):
+        return {}
+    out = {}
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".json"):
+            with open(os.path.join(root, name)) as f:
+                out[name[:-5]] = json.load(f)
+    return out
+
+
+def run_encrypt(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> None:
+    """Sites (and, for model upload with a proxy set, the server): head -> permutation -> shards.
+    Creates the head from the seed the first time (the server's job before the round)."""
+    t0 = time.perf_counter()
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    head_params, fingerprint = encrypt.get_or_create_head(wd.head, model_cfg,
+                                                          train.party_key(config.seed, "head"))
+    e = config.encrypt
+    todo = list(data.sites)
+    if config.protocol == "model_upload" and config.merge.data == "proxy" and data.proxy is not None:
+        todo.append((PROXY, data.proxy))
+    for name, images in todo:
+        if len(images) == 0:
+            raise ValueError(f"site {name!r}: no images to encrypt")
+        s0 = time.perf_counter()
+        tokens = encrypt.encrypt_images(head_params, model_cfg, images.images,
+                                        encrypt.site_key(e.key_source, config.seed, name),
+                                        keep_ratio=e.keep_ratio, mean=config.data.mean,
+                                        std=config.data.std, batch_size=e.batch_size)
+        manifest = shards.write_shards(wd.shards(name), name, tokens, dtype=e.dtype,
+                                       head_fingerprint=fingerprint, shard_size=e.shard_size)
+        dt = time.perf_counter() - s0
+        log(f"[{name}] encrypted {len(tokens)} images -> {manifest['tokens_per_image']} tokens x "
+            f"{manifest['embed_dim']} ({e.dtype}), {shards.shard_bytes(wd.shards(name)) / 2**20:.1f} MiB, "
+            f"{len(tokens) / dt:.0f} img/s")
+    _record(wd, "encrypt", seconds=time.perf_counter() - t0)
+
+
+def run_sites(config, wd: Workdir, site_names: list[str], log=print) -> None:
+    """Model upload, at each site: train from the initial student, upload the model."""
+    t0 = time.perf_counter()
+    if not os.path.isfile(os.path.join(wd.initial, model_io.META_FILE)):
+        model_upload.send_initial(config, wd)  # the server's job; done here when running all parties
+    for name in site_names:
+        nbytes = model_upload.train_site(config, wd, name, log=log)
+        log(f"[{name}] uploaded model: {nbytes / 2**20:.2f} MiB")
+    _record(wd, "site_training", seconds=time.perf_counter() - t0)
+
+
+def run_server(config, wd: Workdir, log=print) -> None:
+    """Server: train on uploaded tokens, or merge uploaded models; writes backbone/."""
+    t0 = time.perf_counter()
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    head_params, _ = encrypt.load_head(wd.head, model_cfg)
+    if config.protocol == "token_upload":
+        teacher = token_upload.train_server(config, wd, log=log)
+    else:
+        teacher = model_upload.merge(config, wd, log=log)
+    model_io.save_backbone(wd.backbone, head_params, teacher["body"], model_cfg,
+                           protocol=config.protocol, seed=config.seed)
+    log(f"[server] backbone written to {wd.backbone}")
+    _record(wd, "server", seconds=time.perf_counter() - t0)
+
+
+def _site_traffic(config, wd: Workdir) -> list[dict]:
+    head_bytes = sum(os.path.getsize(os.path.join(wd.head, f))
+                     for f in (encrypt.HEAD_FILE, encrypt.HEAD_META))
+    rows = []
+    for site in wd.uploaded_sites():
+        manifest = shards.read_manifest(wd.shards(site))
+        token_bytes = shards.shard_bytes(wd.shards(site))
+        if config.protocol == "token_upload":
+            up, down = token_bytes, head_bytes
+        else:
+            model_bytes = model_io.file_bytes(wd.upload(site)) if os.path.isdir(wd.upload(site)) else 0
+            up = model_bytes + (token_bytes if config.merge.data == "uploaded" else 0)
+            down = head_bytes + (model_io.file_bytes(wd.initial) if os.path.isdir(wd.initial) else 0)
+        rows.append({"name": site, "num_images": manifest["num_images"], "bytes_uploaded": up,
+                     "bytes_downloaded": down})
+    return rows
+
+
+def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> dict:
+    """kNN and linear probe of the backbone's CLS features (and of a random-init backbone with the
+    same head); writes report.json and returns it."""
+    t0 = time.perf_counter()
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    head_params, body_params, meta = model_io.load_backbone(wd.backbone, model_cfg)
+    train_set, test_set = data.labelled_train, data.test
+    num_classes = len(test_set.class_names)
+    ev = config.eval
+
+    def probe(body):
+        kw = dict(mean=config.data.mean, std=config.data.std, batch_size=ev.batch_size)
+        f_train = extract_features(head_params, body, model_cfg, train_set.images, **kw)
+        f_test = extract_features(head_params, body, model_cfg, test_set.images, **kw)
+        return evaluate_features(f_train, train_set.labels, f_test, test_set.labels, num_classes,
+                                 knn_k=ev.knn_k, knn_temperature=ev.knn_temperature,
+                                 linear_steps=ev.linear_steps, linear_lr=ev.linear_lr,
+                                 linear_weight_decay=ev.linear_weight_decay, seed=config.seed)
+
+    report = {"protocol": meta.get("protocol", config.protocol), "sites": _site_traffic(config, wd),
+              "eval": probe(body_params)}
+    if ev.random_init_baseline:
+        report["baseline_random_init"] = probe(train.init_student_params(config)["body"])
+    records = _read_records(wd)
+    timing = {k: round(v["seconds"], 2) for k, v in records.items() if "seconds" in v}
+    timing["eval"] = round(time.perf_counter() - t0, 2)
+    report.update(
+        timing_s=timing,
+        data={"name": config.data.name, "num_labelled_train": len(train_set),
+              "num_test": len(test_set), "class_names": list(test_set.class_names)},
+        model=model_cfg.to_dict(),
+        devices={"backend": jax.default_backend(), "count": jax.device_count()},
+        config=config.to_dict(),
+    )
+    with open(wd.report + ".tmp", "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    os.replace(wd.report + ".tmp", wd.report)
+    return report
+
+
+def results_table(report: dict) -> str:
+    rows = [("backbone", "kNN acc", "kNN AUC", "linear acc", "linear AUC")]
+    for name, key in ((report["protocol"], "eval"), ("random init", "baseline_random_init")):
+        if key in report:
+            r = report[key]
+            rows.append((name, f"{r['knn']['accuracy']:.4f}", f"{r['knn']['auc']:.4f}",
+                         f"{r['linear']['accuracy']:.4f}", f"{r['linear']['auc']:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    up = sum(s["bytes_uploaded"] for s in report["sites"])
+    lines.append(f"sites: {len(report['sites'])}, uploaded {up / 2**20:.2f} MiB in one round; "
+                 f"timing (s): {report['timing_s']}")
+    return "\n".join(lines)
