@@ -9,6 +9,13 @@ from msd_jax.config import base_config
 
 def get_config(arg=None):
     c = base_config()
+    # A short budget (300 steps, ~9 epochs of 2,159 images): a faster-moving teacher and a higher lr
+    # than DINO's 100-epoch defaults, and milder masking. Measured on Br35H (see README, Results).
+    c.optim.lr = 4e-3                 # per 256 images: 1e-3 at batch 64
+    c.msd.momentum_teacher = 0.99
+    c.msd.update(ratio_global=0.6, num_local=4, ratio_local=0.3)
+    c.train.site_steps = 150
+    c.merge.num_steps = 150
     if arg == "quick":  # seconds, for smoke tests
         c.model.update(embed_dim=32, depth=1, num_heads=2, out_dim=64, head_hidden_dim=32,
                        head_bottleneck_dim=16, image_size=32)

@@ -4,6 +4,7 @@
 on files in DIR, so each party can run on its own machine (see layout.py for the folders).
 """
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -54,5 +55,21 @@ def main(argv):
         print(wd.report)
 
 
+def parse_flags(argv):
+    """absl parsing, with a clear message for an override of a key the config does not have."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        msg = e.args[0] if e.args else str(e)
+        name = str(msg).split("\n")[0].strip("\"'")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and name in a.split("=")[0][len("--config."):].split(".")]
+        where = bad[0][2:] if bad else f"config.*.{name}"
+        hint = str(msg).split("\n", 1)[1] if "\n" in str(msg) else ""
+        sys.exit(f"error: {where}: unknown config key {name!r}. {hint} (every key: msd_jax/config.py)")
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -98,6 +98,12 @@ def read_manifest(shard_dir: str) -> dict:
             raise ShardError(f"{path}: field {field!r} missing")
     if manifest["dtype"] not in DTYPES:
         raise ShardError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected one of {sorted(DTYPES)}")
+    if not isinstance(manifest["shards"], list) or not manifest["shards"]:
+        raise ShardError(f"{path}: field 'shards' is empty, expected a list of shard entries")
+    for i, entry in enumerate(manifest["shards"]):
+        missing = [k for k in ("file", "num_images", "sha256", "bytes") if k not in entry]
+        if missing:
+            raise ShardError(f"{path}: shards[{i}] lacks field(s) {missing}")
     return manifest
 
 
@@ -121,6 +127,10 @@ def load_shards(shard_dir: str, expected_fingerprint: Optional[str] = None) -> t
             raise ShardError(f"{path}: SHA-256 {digest[:16]}... does not match the manifest's "
                              f"{entry['sha256'][:16]}... (corrupted or altered in transit)")
         arr = np.load(path, allow_pickle=False)
+        stored = np.dtype(np.uint16) if manifest["dtype"] == "bfloat16" else np.dtype(DTYPES[manifest["dtype"]])
+        if arr.dtype != stored:
+            raise ShardError(f"{path}: stored dtype {arr.dtype}, but the manifest's field 'dtype' is "
+                             f"{manifest['dtype']!r} (expected stored dtype {stored})")
         if arr.shape != (entry["num_images"],) + shape:
             raise ShardError(f"{path}: shape {arr.shape}, expected {(entry['num_images'],) + shape}")
         chunks.append(_from_storage(arr, manifest["dtype"]))

@@ -168,10 +168,13 @@ def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int
             return loss, probs
 
         (loss, t_probs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = clip_per_tensor(grads, sc.clip_grad)
-        grad_norm = optax.global_norm(grads)
-        adam_updates, opt_state = adam.update(grads, state.opt_state, state.params)
         frozen = state.step < sc.freeze_last_layer_steps
+        # DINO drops the last layer's gradient while it is frozen: its Adam moments see zeros.
+        grads = jax.tree_util.tree_map_with_path(
+            lambda path, g: jnp.where(frozen, 0.0, g) if _is_last_layer(path) else g, grads)
+        grads = clip_per_tensor(grads, sc.clip_grad)
+        grad_norm = optax.tree.norm(grads)
+        adam_updates, opt_state = adam.update(grads, state.opt_state, state.params)
 
         def apply_update(path, p, u):  # decoupled weight decay as in AdamW: p -= lr (u + wd p)
             wd = hp["weight_decay"] if vit.is_decay_param(path) else 0.0
@@ -184,8 +187,10 @@ def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int
         center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
                                opt_state=opt_state, center=center)
+        # param_norm turns inf/nan as soon as an update diverges, so the loop's finiteness check
+        # never keeps a diverged state as the "last good" checkpoint.
         metrics = dict(loss=loss, teacher_entropy=loss_lib.mean_entropy(t_probs),
-                       grad_norm=grad_norm, **hp)
+                       grad_norm=grad_norm, param_norm=optax.tree.norm(params), **hp)
         return new_state, metrics
 
     return step_fn

@@ -1,0 +1,274 @@
+"""Tests for msd_jax.train: Orbax checkpoints, kill-and-resume, divergence, batches, metrics.
+
+A tiny model (16 tokens of 16 dims, one block, no local views) keeps each compile to seconds;
+the runs every test needs are made once per module.
+"""
+import importlib.util
+import json
+import math
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from msd_jax import train
+from msd_jax.train import (BatchOrder, CheckpointMismatchError, TrainingDivergedError,
+                           batch_size_for)
+
+N, T, D = 10, 16, 16
+TOTAL, EVERY, STOP = 6, 2, 2   # batch 4 of 10 -> 2 steps/epoch: the run spans 3 epochs
+
+
+def make_config(**overrides):
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_config_for_train_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("quick")
+    c.model.update(image_size=16, patch_size=4, embed_dim=D, num_heads=2, out_dim=32,
+                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c.msd.num_local = 0
+    c.train.update(batch_size=4, log_every=EVERY, checkpoint_every=EVERY, keep_checkpoints=3)
+    for k, v in overrides.items():
+        section, field = k.split(".")
+        c[section][field] = v
+    return c
+
+
+def good_tokens():
+    return np.random.default_rng(0).normal(size=(N, T, D)).astype(np.float32)
+
+
+def run(config, ckpt_dir, tokens=None, total=TOTAL, metrics=None, logs=None, **kw):
+    return train.train(config, party="server", tokens=good_tokens() if tokens is None else tokens,
+                       init_params=train.init_student_params(config), ckpt_dir=str(ckpt_dir),
+                       metrics_path=None if metrics is None else str(metrics), total_steps=total,
+                       log=(logs.append if logs is not None else (lambda *_: None)), **kw)
+
+
+def leaves(state):
+    return jax.tree_util.tree_leaves_with_path(
+        {"step": state.step, "params": state.params, "ema": state.ema_params,
+         "opt": state.opt_state, "center": state.center})
+
+
+def assert_same_state(a, b, atol=0.0):
+    la, lb = leaves(a), leaves(b)
+    assert [jax.tree_util.keystr(p) for p, _ in la] == [jax.tree_util.keystr(p) for p, _ in lb]
+    assert len(la) > 10
+    for (path, x), (_, y) in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype, jax.tree_util.keystr(path)
+        if atol:
+            np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def saved_steps(ckpt_dir):
+    with ocp.CheckpointManager(os.path.abspath(str(ckpt_dir))) as m:
+        return list(m.all_steps())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run, and a run stopped at STOP then resumed (snapshot kept at STOP)."""
+    root = tmp_path_factory.mktemp("train_runs")
+    cfg = make_config()
+    out = {"root": root, "cfg": cfg}
+    out["full_logs"] = []
+    out["full"] = run(cfg, root / "full", metrics=root / "full.jsonl", logs=out["full_logs"])
+    out["stopped"] = run(cfg, root / "interrupted", metrics=root / "interrupted.jsonl", stop_at=STOP)
+    shutil.copytree(root / "interrupted", root / "snapshot_at_stop")
+    out["resume_logs"] = []
+    out["resumed"] = run(cfg, root / "interrupted", metrics=root / "interrupted.jsonl",
+                         logs=out["resume_logs"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# ---------------------------------------------------------------------------------------------
+def test_full_run_trains_and_checkpoints(runs):
+    full = runs["full"]
+    assert int(full.step) == TOTAL
+    init = train.init_student_params(runs["cfg"])
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(init))]
+    assert sum(moved) > len(moved) // 2  # training changed the student
+    assert saved_steps(runs["root"] / "full") == [2, 4, 6]
+    assert any("training" in m for m in runs["full_logs"])
+
+
+def test_kill_and_resume_equals_uninterrupted(runs):
+    assert int(runs["stopped"].step) == STOP
+    assert saved_steps(runs["root"] / "snapshot_at_stop") == [STOP]
+    assert any(f"resumed from" in m and f"step {STOP}/{TOTAL}" in m for m in runs["resume_logs"])
+    assert int(runs["resumed"].step) == TOTAL
+    assert_same_state(runs["resumed"], runs["full"], atol=1e-6)
+
+
+def test_restore_returns_identical_state_without_training(runs, tmp_path):
+    d = tmp_path / "full"
+    shutil.copytree(runs["root"] / "full", d)
+    logs = []
+    # NaN tokens: any training step here would raise TrainingDivergedError.
+    poisoned = np.full((N, T, D), np.nan, np.float32)
+    again = run(runs["cfg"], d, tokens=poisoned, logs=logs, metrics=tmp_path / "m.jsonl")
+    assert_same_state(again, runs["full"])
+    assert len(logs) == 1 and "resumed" in logs[0] and f"step {TOTAL}/{TOTAL}" in logs[0]
+    assert not os.path.exists(tmp_path / "m.jsonl") or os.path.getsize(tmp_path / "m.jsonl") == 0
+    assert saved_steps(d) == [2, 4, 6]
+
+
+def test_restore_of_stopped_snapshot(runs, tmp_path):
+    d = tmp_path / "snap"
+    shutil.copytree(runs["root"] / "snapshot_at_stop", d)
+    again = run(runs["cfg"], d, stop_at=STOP)
+    assert_same_state(again, runs["stopped"])
+
+
+@pytest.mark.parametrize("field,value", [("embed_dim", 24), ("out_dim", 48), ("depth", 2)])
+def test_checkpoint_of_another_model(runs, tmp_path, field, value):
+    d = tmp_path / "ck"
+    shutil.copytree(runs["root"] / "full", d)
+    cfg = make_config(**{f"model.{field}": value})
+    with pytest.raises(CheckpointMismatchError) as e:
+        run(cfg, d)
+    msg = str(e.value)
+    assert f"model.{field}" in msg and str(value) in msg and str(d) in msg
+    assert saved_steps(d) == [2, 4, 6]
+
+
+def test_checkpoint_of_another_budget(runs, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(runs["root"] / "full", d)
+    with pytest.raises(CheckpointMismatchError, match="total_steps"):
+        run(runs["cfg"], d, total=TOTAL + 2)
+    with pytest.raises(CheckpointMismatchError, match="num_heads_out"):
+        train.train(runs["cfg"], party="server", tokens=good_tokens(),
+                    init_params=train.init_student_params(runs["cfg"], 2), ckpt_dir=str(d),
+                    total_steps=TOTAL, num_heads_out=2, log=lambda *_: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence
+# ---------------------------------------------------------------------------------------------
+def test_nan_tokens_after_good_steps_keep_the_last_checkpoint(runs, tmp_path):
+    d = tmp_path / "nan"
+    shutil.copytree(runs["root"] / "snapshot_at_stop", d)
+    cfg = make_config(**{"train.checkpoint_every": 1, "train.log_every": 100})
+    tokens = good_tokens()
+    tokens[:, 3, 5] = np.nan
+    with pytest.raises(TrainingDivergedError) as e:
+        run(cfg, d, tokens=tokens)
+    assert f"step {STOP + 1}" in str(e.value) and str(d) in str(e.value)
+    assert saved_steps(d) == [STOP]
+    # The checkpoint still restores to exactly the state of step STOP ...
+    restored = run(cfg, d, stop_at=STOP)
+    assert_same_state(restored, runs["stopped"])
+    # ... and training can go on from it with good data to the uninterrupted result.
+    resumed = run(cfg, d)
+    assert_same_state(resumed, runs["full"], atol=1e-6)
+
+
+def test_nan_tokens_from_the_start(tmp_path):
+    cfg = make_config(**{"train.checkpoint_every": 1})
+    with pytest.raises(TrainingDivergedError, match="step 1"):
+        run(cfg, tmp_path / "c", tokens=np.full((N, T, D), np.nan, np.float32))
+    assert saved_steps(tmp_path / "c") == []
+
+
+def test_huge_learning_rate_diverges(tmp_path):
+    cfg = make_config(**{"optim.lr": 1e30, "train.checkpoint_every": 1, "train.log_every": 1})
+    d = tmp_path / "lr"
+    with pytest.raises(TrainingDivergedError, match="non-finite") as e:
+        run(cfg, d, metrics=tmp_path / "m.jsonl")
+    bad_step = int(str(e.value).split("at step ")[1].split(":")[0])
+    assert 1 <= bad_step <= TOTAL
+    steps = saved_steps(d)
+    # Every step before the bad one (as many as keep_checkpoints), none after.
+    assert steps == list(range(1, bad_step))[-3:]
+    if steps:
+        restored = run(make_config(**{"train.checkpoint_every": 1}), d, stop_at=0)
+        assert int(restored.step) == steps[-1]
+        for _, x in leaves(restored):
+            assert np.all(np.isfinite(np.asarray(x, np.float64)))
+    lines = [json.loads(l) for l in open(tmp_path / "m.jsonl")]
+    assert [l["step"] for l in lines] == list(range(1, bad_step))  # the diverged step is not logged
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+def test_batch_size_for():
+    assert batch_size_for(64, 1000, 1) == 64
+    assert batch_size_for(64, 24, 1) == 24
+    assert batch_size_for(16, 10, 4) == 8
+    assert batch_size_for(8, 8, 8) == 8
+    with pytest.raises(ValueError, match="batch_size=6") as e:
+        batch_size_for(6, 100, 4)
+    assert "4 devices" in str(e.value)
+    with pytest.raises(ValueError, match="3 examples"):
+        batch_size_for(8, 3, 4)
+    with pytest.raises(ValueError):
+        batch_size_for(8, 0, 1)
+
+
+@pytest.mark.parametrize("n,b", [(12, 4), (10, 3), (7, 7)])
+def test_batch_order_epochs(n, b):
+    order = BatchOrder(jax.random.key(5), n, b)
+    spe = n // b
+    assert order.steps_per_epoch == spe
+    epochs = []
+    for e in range(3):
+        ids = np.concatenate([order(e * spe + s) for s in range(spe)])
+        assert all(len(order(e * spe + s)) == b for s in range(spe))
+        assert ids.dtype == np.int32
+        assert len(set(ids.tolist())) == spe * b  # no example twice in an epoch
+        assert ids.min() >= 0 and ids.max() < n
+        if n % b == 0:
+            np.testing.assert_array_equal(np.sort(ids), np.arange(n))  # every example once
+        epochs.append(ids)
+    if n > 3:
+        assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
+    # Deterministic: a fresh instance, queried out of order, gives the same batches.
+    other = BatchOrder(jax.random.key(5), n, b)
+    for step in reversed(range(3 * spe)):
+        np.testing.assert_array_equal(other(step), np.concatenate(epochs)[step * b:(step + 1) * b])
+    # Another key, another order.
+    third = BatchOrder(jax.random.key(6), n, b)
+    if n > 3:
+        assert not np.array_equal(np.concatenate([third(s) for s in range(3 * spe)]),
+                                  np.concatenate(epochs))
+
+
+def test_party_key_differs_by_party_and_seed():
+    kd = lambda k: np.asarray(jax.random.key_data(k))
+    assert np.array_equal(kd(train.party_key(0, "a")), kd(train.party_key(0, "a")))
+    assert not np.array_equal(kd(train.party_key(0, "a")), kd(train.party_key(0, "b")))
+    assert not np.array_equal(kd(train.party_key(0, "a")), kd(train.party_key(1, "a")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["full", "interrupted"])
+def test_metrics_jsonl(runs, name):
+    lines = [json.loads(l) for l in open(runs["root"] / f"{name}.jsonl")]
+    assert [l["step"] for l in lines] == [2, 4, 6]
+    for l in lines:
+        assert l["party"] == "server"
+        for k in ("loss", "teacher_entropy", "images_per_s", "lr"):
+            assert isinstance(l[k], float) and math.isfinite(l[k]), k
+        assert l["images_per_s"] > 0
+        # Teacher entropy of a distribution over out_dim prototypes: 0 <= H <= log(out_dim).
+        assert 0.0 <= l["teacher_entropy"] <= math.log(32) + 1e-5
+        assert l["loss"] > 0
+    # Both runs log the same losses for the same steps (resume replays exactly).
+    if name == "interrupted":
+        full = [json.loads(l) for l in open(runs["root"] / "full.jsonl")]
+        np.testing.assert_allclose([l["loss"] for l in lines], [l["loss"] for l in full], atol=1e-6)
