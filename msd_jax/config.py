@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
+        # frozen features, first one reported as "eval": 'cls_avgpool' (CLS + mean patch token, DINO's
+        # ViT-B linear-eval features), 'cls', 'avgpool'
+        features="cls_avgpool,cls",
         knn_k=20, knn_temperature=0.07,
         linear_steps=500, linear_lr=0.1, linear_weight_decay=1e-4,
         batch_size=256,
@@ -112,6 +115,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   "keep_checkpoints"):
         if c.train[field] < 1:
             raise ValueError(f"config.train.{field}: expected >= 1, got {c.train[field]}")
+    from msd_jax.eval.features import parse_kinds  # noqa: PLC0415 (keeps `import config` light)
+    parse_kinds(c.eval.features)
     if c.data.std <= 0:
         raise ValueError(f"config.data.std: expected > 0, got {c.data.std}")
     return c

@@ -12,7 +12,7 @@ import numpy as np
 from msd_jax import encrypt, shards, train
 from msd_jax.data import sites as sites_lib
 from msd_jax.eval import evaluate_features
-from msd_jax.eval.features import extract_features
+from msd_jax.eval.features import extract_features, parse_kinds
 from msd_jax.federation import model_io, model_upload, token_upload
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
@@ -119,19 +119,26 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
     num_classes = len(test_set.class_names)
     ev = config.eval
 
-    def probe(body):
+    kinds = parse_kinds(ev.features)
+
+    def probe(body) -> dict:
+        """{feature kind: {'knn': ..., 'linear': ...}} for every configured kind."""
         kw = dict(mean=config.data.mean, std=config.data.std, batch_size=ev.batch_size)
         f_train = extract_features(head_params, body, model_cfg, train_set.images, **kw)
         f_test = extract_features(head_params, body, model_cfg, test_set.images, **kw)
-        return evaluate_features(f_train, train_set.labels, f_test, test_set.labels, num_classes,
-                                 knn_k=ev.knn_k, knn_temperature=ev.knn_temperature,
-                                 linear_steps=ev.linear_steps, linear_lr=ev.linear_lr,
-                                 linear_weight_decay=ev.linear_weight_decay, seed=config.seed)
+        return {k: evaluate_features(f_train[k], train_set.labels, f_test[k], test_set.labels,
+                                     num_classes, knn_k=ev.knn_k, knn_temperature=ev.knn_temperature,
+                                     linear_steps=ev.linear_steps, linear_lr=ev.linear_lr,
+                                     linear_weight_decay=ev.linear_weight_decay, seed=config.seed)
+                for k in kinds}
 
+    trained = probe(body_params)
     report = {"protocol": meta.get("protocol", config.protocol), "sites": _site_traffic(config, wd),
-              "eval": probe(body_params)}
+              "features": kinds[0], "eval": trained[kinds[0]], "eval_by_features": trained}
     if ev.random_init_baseline:
-        report["baseline_random_init"] = probe(train.init_student_params(config)["body"])
+        baseline = probe(train.init_student_params(config)["body"])
+        report["baseline_random_init"] = baseline[kinds[0]]
+        report["baseline_random_init_by_features"] = baseline
     records = _read_records(wd)
     timing = {k: round(v["seconds"], 2) for k, v in records.items() if "seconds" in v}
     timing["eval"] = round(time.perf_counter() - t0, 2)
@@ -150,13 +157,13 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
 
 
 def results_table(report: dict) -> str:
-    rows = [("backbone", "kNN acc", "kNN AUC", "linear acc", "linear AUC")]
-    for name, key in ((report["protocol"], "eval"), ("random init", "baseline_random_init")):
-        if key in report:
-            r = report[key]
-            rows.append((name, f"{r['knn']['accuracy']:.4f}", f"{r['knn']['auc']:.4f}",
+    rows = [("backbone", "features", "kNN acc", "kNN AUC", "linear acc", "linear AUC")]
+    for name, key in ((report["protocol"], "eval_by_features"),
+                      ("random init", "baseline_random_init_by_features")):
+        for kind, r in report.get(key, {}).items():
+            rows.append((name, kind, f"{r['knn']['accuracy']:.4f}", f"{r['knn']['auc']:.4f}",
                          f"{r['linear']['accuracy']:.4f}", f"{r['linear']['auc']:.4f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     up = sum(s["bytes_uploaded"] for s in report["sites"])

@@ -22,6 +22,7 @@ from msd_jax.config import base_config
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 from msd_jax.msd import views as views_lib
+from np_reference import np_dino_loss, np_log_softmax, np_softmax
 
 N_TOKENS, DIM, OUT = 16, 32, 64
 NO_DECAY = {"bias", "scale", "cls_token", "cls_pos_embed", "pos_embed"}
@@ -75,28 +76,7 @@ def views_for(sc, key, step, tokens, ids):
                                 sc.num_global, sc.size_global, sc.num_local, sc.size_local)
 
 
-def np_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_log_softmax(x):
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def np_loss(s, t, c, ts, tt):
-    """s [H, V, B, K], t [H, G, B, K], c [H, K]; mean over heads and pairs g != v of batch-mean CE."""
-    s, t, c = (np.asarray(a, np.float64) for a in (s, t, c))
-    q = np_softmax((t - c[:, None, None]) / tt)
-    ls = np_log_softmax(s / ts)
-    vals = [np.mean(-np.sum(q[:, g] * ls[:, v], -1), axis=-1)          # [H]
-            for g in range(t.shape[1]) for v in range(s.shape[1]) if v != g]
-    return float(np.mean(vals))
-
-
-def jnp_loss(s, t, c, ts, tt):
+def jnp_dino_loss(s, t, c, ts, tt):
     """Same loss in jnp (for jax.grad): s [H, V, B, K] traced, t/c constants."""
     q = jax.nn.softmax((t - c[:, None, None]) / tt, axis=-1)
     ls = jax.nn.log_softmax(s / ts, axis=-1)
@@ -224,7 +204,7 @@ def test_center_and_loss_match_independent_computation(three_steps):
         s = np.concatenate([logits(cfg, state.params, g_views, sc.num_global),
                             logits(cfg, state.params, l_views, sc.num_local)], axis=1)
         # the loss is computed with the centre before the update
-        np.testing.assert_allclose(d["metrics"][step]["loss"], np_loss(s, t, center_ref, sc.student_temp, 0.05),
+        np.testing.assert_allclose(d["metrics"][step]["loss"], np_dino_loss(s, t, center_ref, sc.student_temp, 0.05),
                                    rtol=1e-4)
         q = np_softmax((t - center_ref[:, None, None]) / 0.05)
         np.testing.assert_allclose(d["metrics"][step]["teacher_entropy"],
@@ -246,7 +226,7 @@ def test_adamw_first_step_arithmetic_and_weight_decay_mask(three_steps):
         sg = student.apply({"params": p}, g_views)
         sl = student.apply({"params": p}, l_views)
         s = jnp.concatenate([sg.reshape(1, sc.num_global, B, OUT), sl.reshape(1, sc.num_local, B, OUT)], 1)
-        return jnp_loss(s, t, jnp.zeros((1, OUT)), sc.student_temp, 0.05)
+        return jnp_dino_loss(s, t, jnp.zeros((1, OUT)), sc.student_temp, 0.05)
 
     grads = flat(jax.jit(jax.grad(loss))(s0.params))
     p0, p1 = flat(s0.params), flat(s1.params)
@@ -388,7 +368,7 @@ def test_merge_mode_uses_site_teachers():
     s = np.concatenate([logits(cfg, s0.params, g_views, sc.num_global, 2),
                         logits(cfg, s0.params, l_views, sc.num_local, 2)], axis=1)      # [2, V, B, K]
     np.testing.assert_allclose(np.asarray(state.center), (1 - CM) * t.mean(axis=(1, 2)), atol=1e-6, rtol=1e-5)
-    np.testing.assert_allclose(loss, np_loss(s, t, np.zeros((2, OUT)), sc.student_temp, 0.05), rtol=1e-4)
+    np.testing.assert_allclose(loss, np_dino_loss(s, t, np.zeros((2, OUT)), sc.student_temp, 0.05), rtol=1e-4)
     # the EMA of the student would give another centre: the sites really are the teachers
     t_ema = logits(cfg, s0.ema_params, g_views, sc.num_global, 2)
     assert np.abs((1 - CM) * t_ema.mean(axis=(1, 2)) - np.asarray(state.center)).max() > 1e-4

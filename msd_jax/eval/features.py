@@ -1,4 +1,9 @@
-"""CLS features of the backbone (head + body) for labelled images, in batches."""
+"""Frozen features of the backbone (head + body) for labelled images, in batches.
+
+Kinds: 'cls' is the final-norm CLS token; 'avgpool' the mean of the final-norm patch tokens;
+'cls_avgpool' their concatenation (DINO's linear-evaluation features for ViT-B). Both are invariant
+to the token order, so they are the same for encrypted and plain tokens.
+"""
 from __future__ import annotations
 
 import functools
@@ -9,22 +14,36 @@ import numpy as np
 from msd_jax import encrypt
 from msd_jax.models import vit
 
+KINDS = ("cls", "avgpool", "cls_avgpool")
+
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _features(head_params, body_params, images, cfg: vit.ViTConfig):
+def _cls_and_avg(head_params, body_params, images, cfg: vit.ViTConfig):
     tokens = vit.PatchHead(cfg).apply({"params": head_params}, images)
-    return vit.encode_cls(cfg, body_params, tokens)
+    out = vit.Body(cfg).apply({"params": body_params}, tokens)
+    return out[:, 0], out[:, 1:].mean(axis=1)
 
 
 def extract_features(head_params, body_params, cfg: vit.ViTConfig, images: np.ndarray, *,
-                     mean: float, std: float, batch_size: int = 256) -> np.ndarray:
-    out = []
+                     mean: float, std: float, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Returns {kind: [N, dim]} for every kind in KINDS."""
+    cls, avg = [], []
     for start in range(0, len(images), batch_size):
         batch = encrypt.normalize(np.asarray(images[start:start + batch_size], np.float32), mean, std)
-        if len(batch) < batch_size and start > 0:  # pad the last batch: one compilation only
-            pad = np.zeros((batch_size - len(batch),) + batch.shape[1:], np.float32)
-            out.append(np.asarray(_features(head_params, body_params, np.concatenate([batch, pad]),
-                                            cfg))[:len(batch)])
-        else:
-            out.append(np.asarray(_features(head_params, body_params, batch, cfg)))
-    return np.concatenate(out)
+        n = len(batch)
+        if n < batch_size and start > 0:  # pad the last batch: one compilation only
+            batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], np.float32)])
+        c, a = _cls_and_avg(head_params, body_params, batch, cfg)
+        cls.append(np.asarray(c)[:n])
+        avg.append(np.asarray(a)[:n])
+    cls, avg = np.concatenate(cls), np.concatenate(avg)
+    return {"cls": cls, "avgpool": avg, "cls_avgpool": np.concatenate([cls, avg], axis=1)}
+
+
+def parse_kinds(value: str) -> list[str]:
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if not kinds or bad:
+        raise ValueError(f"config.eval.features: expected a comma-separated list of {list(KINDS)}, "
+                         f"got {value!r}")
+    return kinds
