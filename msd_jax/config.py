@@ -111,6 +111,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                              "data.name='folders'")
         if not c.data.test_dir:
             raise ValueError("config.data.test_dir: expected a labelled test folder with data.name='folders'")
+        if c.protocol == "model_upload" and c.merge.data == "proxy" and not c.data.proxy_dir:
+            raise ValueError("config.data.proxy_dir: model upload with merge.data='proxy' needs the "
+                             "server's proxy image folder (or set config.merge.data=uploaded)")
     for field in ("batch_size", "num_steps", "site_steps", "log_every", "checkpoint_every",
                   "keep_checkpoints"):
         if c.train[field] < 1:

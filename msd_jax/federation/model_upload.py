@@ -56,7 +56,8 @@ def merged_init(site_params: list, initial, how: str):
     return jax.device_get(student)
 
 
-def distillation_tokens(config, wd: Workdir, fingerprint: str, sites: list[str]) -> np.ndarray:
+def distillation_tokens(config, wd: Workdir, fingerprint: str) -> np.ndarray:
+    """The tokens the server distils on: its proxy set or the uploaded site shards."""
     if config.merge.data == "proxy":
         if not os.path.isdir(wd.shards(PROXY)):
             raise FileNotFoundError(f"{wd.shards(PROXY)}: no proxy shards (config.merge.data='proxy' "
@@ -75,7 +76,7 @@ def merge(config, wd: Workdir, log=print):
         raise FileNotFoundError(f"{wd.upload('')}: no site models uploaded (run --mode site at the sites)")
     template = train.init_student_params(config)
     site_params = [model_io.load_params(wd.upload(s), template, model_cfg)[0] for s in sites]
-    tokens = distillation_tokens(config, wd, fingerprint, sites)
+    tokens = distillation_tokens(config, wd, fingerprint)
     student = merged_init(site_params, template, config.merge.init)
     stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *site_params)
     log(f"[server] merging {len(sites)} site models by one-shot distillation on "

@@ -211,9 +211,14 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, merge: bool = False) -> Callab
 
 
 def shard_batch(mesh: Mesh, *arrays):
-    """Place host arrays on the mesh, split along the batch axis."""
+    """Place the global batch (host arrays) on the mesh, split along the batch axis. With several
+    hosts every process computes the same global batch and contributes only its own rows."""
     sharding = NamedSharding(mesh, P("data"))
-    return tuple(jax.device_put(a, sharding) for a in arrays)
+    if jax.process_count() == 1:
+        return tuple(jax.device_put(a, sharding) for a in arrays)
+    n, i = jax.process_count(), jax.process_index()
+    return tuple(jax.make_array_from_process_local_data(sharding, np.array_split(a, n)[i], a.shape)
+                 for a in arrays)
 
 
 def replicate(mesh: Mesh, tree):
