@@ -7,7 +7,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from msd_jax import encrypt, shards, train
 from msd_jax.data import sites as sites_lib

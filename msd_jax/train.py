@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 import zlib
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -178,6 +176,3 @@ def init_student_params(config, num_heads_out: int = 1):
     model_cfg = vit.ViTConfig.from_config(config.model)
     return jax.device_get(vit.init_student(model_cfg, party_key(config.seed, "init"), num_heads_out))
 
-
-def log_to_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

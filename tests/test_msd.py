@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from msd_jax.msd import loss as loss_lib
-from np_reference import np_dino_loss, np_log_softmax, np_softmax
+from np_reference import np_dino_loss, np_softmax
 from msd_jax.msd import schedules
 from msd_jax.msd import views as views_lib
 

@@ -22,7 +22,7 @@ from msd_jax.config import base_config
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 from msd_jax.msd import views as views_lib
-from np_reference import np_dino_loss, np_log_softmax, np_softmax
+from np_reference import np_dino_loss, np_softmax
 
 N_TOKENS, DIM, OUT = 16, 32, 64
 NO_DECAY = {"bias", "scale", "cls_token", "cls_pos_embed", "pos_embed"}

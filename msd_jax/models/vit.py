@@ -265,11 +265,6 @@ def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def param_shapes(tree) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): list(x.shape) for p, x in flat}
-
-
 def is_decay_param(path: Sequence[Any], _leaf=None) -> bool:
     """DINO excludes biases, norms, the CLS token and position embeddings from weight decay."""
     last = getattr(path[-1], "key", str(path[-1]))
