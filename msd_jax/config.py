@@ -74,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=20,
         checkpoint_every=100,
         keep_checkpoints=2,
+        # collapse monitor (after the teacher-temperature warm-up, on logged steps): warn when the
+        # teacher entropy (nats) is below this (one-hot collapse) ...
+        collapse_min_entropy=0.1,
+        # ... or above this share of log(model.out_dim) (uniform collapse)
+        collapse_max_entropy_frac=0.98,
     ))
 
     c.merge = ml_collections.ConfigDict(dict(
@@ -118,6 +123,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   "keep_checkpoints"):
         if c.train[field] < 1:
             raise ValueError(f"config.train.{field}: expected >= 1, got {c.train[field]}")
+    if c.train.collapse_min_entropy < 0:
+        raise ValueError(f"config.train.collapse_min_entropy: expected >= 0, got "
+                         f"{c.train.collapse_min_entropy}")
+    if not 0 < c.train.collapse_max_entropy_frac <= 1:
+        raise ValueError(f"config.train.collapse_max_entropy_frac: expected in (0, 1], got "
+                         f"{c.train.collapse_max_entropy_frac}")
     from msd_jax.eval.features import parse_kinds  # noqa: PLC0415 (keeps `import config` light)
     parse_kinds(c.eval.features)
     if c.data.std <= 0:

@@ -149,10 +149,54 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
         devices={"backend": jax.default_backend(), "count": jax.device_count()},
         config=config.to_dict(),
     )
+    metrics = _metrics_files(wd)
+    warnings = []
+    for path in metrics.values():
+        try:
+            warnings += train.read_collapse_warnings(path)
+        except OSError as e:
+            log(f"[eval] could not read {path}: {e}")
+    report["collapse_warnings"] = warnings
+    if warnings:
+        log(f"[eval] COLLAPSE? {len(warnings)} logged step(s) flagged by the teacher-entropy monitor: "
+            f"{sorted({(w['party'], w['kind']) for w in warnings})}")
+    _write_report(wd, report)
+    # The figures come after the report, so a plotting failure cannot lose it.
+    plots = []
+    plot_dir = os.path.join(wd.root, "plots")
+    try:
+        if metrics:
+            from msd_jax import plots as plots_lib  # noqa: PLC0415 (matplotlib only when plotting)
+            plots.append(plots_lib.training_curves(metrics, os.path.join(plot_dir, "training_curves.png")))
+    except Exception as e:  # noqa: BLE001
+        log(f"[eval] training curves not drawn: {type(e).__name__}: {e}")
+    try:
+        if len(test_set):
+            from msd_jax import plots as plots_lib  # noqa: PLC0415
+            out = os.path.join(plot_dir, "attention.png")
+            plots_lib.attention_maps(head_params, body_params, model_cfg, test_set.images[:8], out,
+                                     mean=config.data.mean, std=config.data.std, num=8)
+            plots.append(out)
+    except Exception as e:  # noqa: BLE001
+        log(f"[eval] attention maps not drawn: {type(e).__name__}: {e}")
+    report["plots"] = plots
+    _write_report(wd, report)
+    return report
+
+
+def _metrics_files(wd: Workdir) -> dict[str, str]:
+    """{party: path} of every metrics/<party>.jsonl present."""
+    root = os.path.join(wd.root, "metrics")
+    if not os.path.isdir(root):
+        return {}
+    return {name[:-len(".jsonl")]: os.path.join(root, name) for name in sorted(os.listdir(root))
+            if name.endswith(".jsonl")}
+
+
+def _write_report(wd: Workdir, report: dict) -> None:
     with open(wd.report + ".tmp", "w") as f:
         json.dump(report, f, indent=1, default=str)
     os.replace(wd.report + ".tmp", wd.report)
-    return report
 
 
 def results_table(report: dict) -> str:

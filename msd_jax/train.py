@@ -66,6 +66,51 @@ def _format_eta(seconds: float) -> str:
         else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def collapse_check(teacher_entropy: float, out_dim: int, min_entropy: float,
+                   max_entropy_frac: float) -> Optional[tuple[str, str]]:
+    """(kind, reason) when the teacher entropy (nats) signals a collapse, else None.
+
+    'one_hot': below `min_entropy` (every image goes to one prototype); 'uniform': above
+    `max_entropy_frac * log(out_dim)` (the teacher output carries no information).
+    """
+    if not math.isfinite(teacher_entropy):
+        return None
+    if teacher_entropy < min_entropy:
+        return "one_hot", f"one-hot collapse: teacher_entropy {teacher_entropy:.3f} < {min_entropy:g}"
+    top = max_entropy_frac * math.log(out_dim)
+    if teacher_entropy > top:
+        return "uniform", (f"uniform collapse: teacher_entropy {teacher_entropy:.3f} > "
+                           f"{max_entropy_frac:g} * log({out_dim}) = {top:.3f}")
+    return None
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Metrics lines of one party's JSONL file in step order; the last line of a step wins (a
+    resumed run logs again the steps after its last checkpoint). Unparsable lines (a line cut by a
+    killed run) are skipped."""
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(m, dict) and "step" in m:
+                by_step[int(m["step"])] = m
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_collapse_warnings(metrics_path: str) -> list[dict]:
+    """The collapse warnings recorded in a metrics JSONL file: [{"party", "step", "teacher_entropy",
+    "kind"}]."""
+    return [{"party": m.get("party"), "step": m["step"], "teacher_entropy": m.get("teacher_entropy"),
+             "kind": m["collapse"]["kind"]}
+            for m in read_metrics(metrics_path) if isinstance(m.get("collapse"), dict)]
+
+
 def checkpoint_meta(model_cfg: vit.ViTConfig, party: str, num_heads_out: int, total_steps: int) -> dict:
     return {"model": model_cfg.to_dict(), "party": party, "num_heads_out": num_heads_out,
             "total_steps": total_steps}
@@ -131,6 +176,10 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
                 f"tokens, batch {batch} on {n_dev} {jax.default_backend()} device(s), "
                 f"views {sc.num_global}x{sc.size_global} + {sc.num_local}x{sc.size_local} tokens")
         metrics_file = open(metrics_path, "a") if metrics_path else None
+        tcfg = config.train
+        min_ent = float(tcfg.get("collapse_min_entropy", 0.1))
+        max_frac = float(tcfg.get("collapse_max_entropy_frac", 0.98))
+        num_collapse = 0
         t0, last_t, last_step = time.perf_counter(), time.perf_counter(), start
         try:
             for s in range(start, end):
@@ -155,15 +204,26 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
                 eta = (total_steps - done) * (now - t0) / max(done - start, 1)
                 m.update(step=done, images_per_s=ips)
                 if is_log:
+                    line = {"party": party, **m}
+                    warn = ""
+                    if s >= sc.teacher_temp_warmup_steps:  # this step used the final teacher temp
+                        flagged = collapse_check(m["teacher_entropy"], model_cfg.out_dim, min_ent, max_frac)
+                        if flagged:
+                            num_collapse += 1
+                            line["collapse"] = {"kind": flagged[0], "reason": flagged[1]}
+                            warn = f" COLLAPSE? {flagged[1]}"
                     log(f"[{party}] step {done}/{total_steps} loss {m['loss']:.4f} "
                         f"teacher_entropy {m['teacher_entropy']:.3f} lr {m['lr']:.2e} "
-                        f"{ips:.1f} img/s ETA {_format_eta(eta)}")
+                        f"{ips:.1f} img/s ETA {_format_eta(eta)}{warn}")
                     if metrics_file:
-                        metrics_file.write(json.dumps({"party": party, **m}) + "\n")
+                        metrics_file.write(json.dumps(line) + "\n")
                         metrics_file.flush()
                     last_t, last_step = now, done
                 if is_ckpt:
                     save(done)
+            if num_collapse:
+                log(f"[{party}] COLLAPSE? {num_collapse} logged step(s) flagged by the teacher-entropy "
+                    f"monitor (config.train.collapse_min_entropy / collapse_max_entropy_frac)")
         finally:
             if metrics_file:
                 metrics_file.close()

@@ -1,0 +1,98 @@
+"""Figures for a run: training curves from the metrics JSONL files, and the CLS attention of the
+trained body over test images. PNG files, drawn with matplotlib's Agg backend (no display)."""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+
+from msd_jax import encrypt  # noqa: E402
+from msd_jax.models import vit  # noqa: E402
+from msd_jax.train import read_metrics  # noqa: E402
+
+
+def _save(fig, out_png: str) -> None:
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+
+
+def training_curves(metrics_paths: dict[str, str], out_png: str) -> str:
+    """Loss and teacher entropy against step, one line per party ({party: metrics JSONL path})."""
+    fig, (ax_loss, ax_ent) = plt.subplots(1, 2, figsize=(11, 4))
+    try:
+        for party, path in sorted(metrics_paths.items()):
+            rows = read_metrics(path)
+            steps = [r["step"] for r in rows]
+            for ax, key in ((ax_loss, "loss"), (ax_ent, "teacher_entropy")):
+                pts = [(s, r[key]) for s, r in zip(steps, rows) if key in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=party)
+        for ax, title in ((ax_loss, "loss"), (ax_ent, "teacher entropy (nats)")):
+            ax.set_xlabel("step")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        _save(fig, out_png)
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _cls_attention(head_params, body_params, images, cfg: vit.ViTConfig):
+    """[B, num_patches]: last block's CLS -> patch attention, mean over heads, plain raster order."""
+    tokens = vit.PatchHead(cfg).apply({"params": head_params}, images)
+    _, weights = vit.Body(cfg).apply({"params": body_params}, tokens, return_attention=True)
+    return weights[:, :, 0, 1:].astype(jnp.float32).mean(axis=1)  # [B, h, q, k] -> [B, n]
+
+
+def cls_attention(head_params, body_params, cfg: vit.ViTConfig, images: np.ndarray, *,
+                  mean: float, std: float) -> np.ndarray:
+    """[B, grid, grid] CLS-to-patch attention of the last block (mean over heads) on the plain
+    (un-permuted) tokens of `images` [B, H, W, C] (pixels before normalisation)."""
+    x = encrypt.normalize(np.asarray(images, np.float32), mean, std)
+    att = np.asarray(_cls_attention(head_params, body_params, x, cfg))
+    return att.reshape(len(x), cfg.grid, cfg.grid)
+
+
+def attention_maps(head_params, body_params, cfg: vit.ViTConfig, images: np.ndarray, out_png: str,
+                   mean: float, std: float, num: int = 8) -> np.ndarray:
+    """Draws the first `num` images (top row) and their CLS attention upsampled to the image over
+    them (bottom row); writes `out_png` and returns the attention [num, grid, grid]."""
+    images = np.asarray(images[:num], np.float32)
+    num = len(images)
+    if num == 0:
+        raise ValueError("attention_maps: no images")
+    att = cls_attention(head_params, body_params, cfg, images, mean=mean, std=std)
+    p = cfg.patch_size
+    fig, axes = plt.subplots(2, num, figsize=(1.8 * num, 3.8), squeeze=False)
+    try:
+        for i in range(num):
+            img = images[i]
+            img = img[..., 0] if img.shape[-1] == 1 else img
+            lo, hi = float(img.min()), float(img.max())
+            shown = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            cmap = "gray" if shown.ndim == 2 else None
+            up = np.kron(att[i], np.ones((p, p), np.float32))  # nearest upsampling to the image
+            for ax in axes[:, i]:
+                ax.imshow(shown, cmap=cmap)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            axes[1, i].imshow(up, cmap="jet", alpha=0.5)
+        axes[0, 0].set_ylabel("image")
+        axes[1, 0].set_ylabel("CLS attention")
+        fig.suptitle("last block, CLS -> patch attention (mean over heads)", fontsize=9)
+        _save(fig, out_png)
+    finally:
+        plt.close(fig)
+    return att

@@ -1,0 +1,199 @@
+"""Tests for msd_jax.plots (training curves, CLS attention maps) and the collapse monitor."""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from msd_jax import plots, train
+from msd_jax.models import vit
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        w, h = im.size
+    assert w > 0 and h > 0
+    return w, h
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------
+def write_jsonl(path, rows, extra=""):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.write(extra)
+
+
+def test_read_metrics_keeps_last_value_per_step(tmp_path):
+    rows = [{"party": "server", "step": s, "loss": 10.0 - s, "teacher_entropy": 3.0, "lr": 1e-3}
+            for s in (2, 4, 6)]
+    # A resumed run logs steps 4 and 6 again (after its checkpoint at step 2), with other values.
+    rows += [{"party": "server", "step": s, "loss": 100.0 + s, "teacher_entropy": 2.0, "lr": 1e-3}
+             for s in (4, 6, 8)]
+    p = tmp_path / "server.jsonl"
+    write_jsonl(p, rows, extra='{"party": "server", "st')  # a line cut by a killed run
+    got = plots.read_metrics(str(p))
+    assert [r["step"] for r in got] == [2, 4, 6, 8]
+    assert [r["loss"] for r in got] == [8.0, 104.0, 106.0, 108.0]
+
+
+def test_training_curves_writes_png(tmp_path):
+    a = [{"party": "site0", "step": s, "loss": 5.0 / s, "teacher_entropy": 3.0 - 0.1 * s, "lr": 1e-3}
+         for s in (1, 2, 3, 2, 3, 4)]  # repeated steps from a resume
+    b = [{"party": "server_merge", "step": s, "loss": 1.0 / s, "teacher_entropy": 2.0, "lr": 1e-4,
+          "collapse": {"kind": "uniform", "reason": "x"}} for s in (5, 10)]
+    write_jsonl(tmp_path / "site0.jsonl", a)
+    write_jsonl(tmp_path / "server_merge.jsonl", b)
+    out = tmp_path / "plots" / "training_curves.png"
+    ret = plots.training_curves({"site0": str(tmp_path / "site0.jsonl"),
+                                 "server_merge": str(tmp_path / "server_merge.jsonl")}, str(out))
+    assert ret == str(out)
+    check_png(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention maps
+# ---------------------------------------------------------------------------------------------
+CFG = vit.ViTConfig(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
+                    out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
+
+
+def layer_norm(x, scale, bias, eps=1e-6):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def numpy_cls_attention(head, body, images, mean, std):
+    """Independent reference: head -> tokens (raster order) -> CLS -> LayerNorm -> qkv -> softmax."""
+    x = (np.asarray(images, np.float64) - mean) / std
+    b, s, p, g = len(x), CFG.image_size, CFG.patch_size, CFG.grid
+    patches = np.stack([x[:, r * p:(r + 1) * p, c * p:(c + 1) * p, :].reshape(b, -1)
+                        for r in range(g) for c in range(g)], axis=1)  # raster order
+    h = {k: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v) for k, v in head.items()}
+    bp = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), body)
+    tokens = patches @ h["patch_embed"]["kernel"] + h["patch_embed"]["bias"] + h["pos_embed"]
+    cls = np.broadcast_to(bp["cls_token"] + bp["cls_pos_embed"], (b, 1, CFG.embed_dim))
+    z = np.concatenate([cls, tokens], axis=1)
+    blk = bp["block0"]
+    y = layer_norm(z, blk["norm1"]["scale"], blk["norm1"]["bias"])
+    qkv = y @ blk["attn"]["qkv"]["kernel"] + blk["attn"]["qkv"]["bias"]
+    nh, hd = CFG.num_heads, CFG.embed_dim // CFG.num_heads
+    qkv = qkv.reshape(b, -1, 3, nh, hd)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]                     # [b, n, h, hd]
+    logits = np.einsum("bhd,bkhd->bhk", q[:, 0], k) / math.sqrt(hd)  # CLS query only
+    logits -= logits.max(-1, keepdims=True)
+    w = np.exp(logits)
+    w /= w.sum(-1, keepdims=True)
+    return w[:, :, 1:].mean(axis=1).reshape(b, g, g)
+
+
+@pytest.fixture(scope="module")
+def model():
+    head = jax.device_get(vit.init_head(CFG, jax.random.key(1)))
+    body = jax.device_get(vit.init_student(CFG, jax.random.key(2))["body"])
+    # Sharpen the attention (random init attends almost uniformly), so the test can tell patches apart.
+    body = jax.tree_util.tree_map(np.asarray, body)
+    body["block0"]["attn"]["qkv"]["kernel"] = body["block0"]["attn"]["qkv"]["kernel"] * 40.0
+    return head, body
+
+
+def test_attention_maps_match_numpy_reference(model, tmp_path):
+    head, body = model
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (10, 16, 16, 1)).astype(np.float32)
+    images[:, 4:8, 8:12] = 1.0  # a bright patch at grid (1, 2)
+    out = tmp_path / "attention.png"
+    att = plots.attention_maps(head, body, CFG, images, str(out), mean=0.5, std=0.25, num=8)
+    assert att.shape == (8, CFG.grid, CFG.grid)
+    expected = numpy_cls_attention(head, body, images[:8], 0.5, 0.25)
+    np.testing.assert_allclose(att, expected, atol=1e-5)
+    # Not (close to) uniform: the reference check means something.
+    assert np.abs(expected - 1 / CFG.num_patches).max() > 1e-3
+    # Each head's CLS row sums to 1 over CLS + patches, so the patch share is <= 1.
+    assert np.all(att.sum(axis=(1, 2)) <= 1 + 1e-6)
+    check_png(out)
+
+
+def test_attention_maps_fewer_images_than_num(model, tmp_path):
+    head, body = model
+    images = np.random.default_rng(1).uniform(0, 1, (3, 16, 16, 1)).astype(np.float32)
+    att = plots.attention_maps(head, body, CFG, images, str(tmp_path / "a.png"), 0.5, 0.25)
+    assert att.shape == (3, CFG.grid, CFG.grid)
+    check_png(tmp_path / "a.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Collapse monitor
+# ---------------------------------------------------------------------------------------------
+def entropy(p):
+    p = np.asarray(p, np.float64)
+    return float(-(p * np.log(np.clip(p, 1e-12, None))).sum())
+
+
+def test_collapse_check_flags_one_hot_and_uniform_only():
+    k = 4096
+    one_hot = np.zeros(k)
+    one_hot[7] = 1.0
+    flagged = train.collapse_check(entropy(one_hot), k, 0.1, 0.98)
+    assert flagged is not None and flagged[0] == "one_hot"
+    flagged = train.collapse_check(entropy(np.full(k, 1 / k)), k, 0.1, 0.98)
+    assert flagged is not None and flagged[0] == "uniform" and "log(4096)" in flagged[1]
+    # A healthy teacher: mass spread over ~50 prototypes.
+    normal = np.zeros(k)
+    normal[:50] = np.random.default_rng(0).dirichlet(np.ones(50))
+    assert 0.1 < entropy(normal) < 0.98 * math.log(k)
+    assert train.collapse_check(entropy(normal), k, 0.1, 0.98) is None
+    assert train.collapse_check(float("nan"), k, 0.1, 0.98) is None
+
+
+def test_read_collapse_warnings(tmp_path):
+    rows = [{"party": "server", "step": 2, "teacher_entropy": 3.0},
+            {"party": "server", "step": 4, "teacher_entropy": 0.01,
+             "collapse": {"kind": "one_hot", "reason": "r"}},
+            # resumed run: step 4 logged again, healthy this time; step 6 uniform
+            {"party": "server", "step": 4, "teacher_entropy": 2.0},
+            {"party": "server", "step": 6, "teacher_entropy": 8.3,
+             "collapse": {"kind": "uniform", "reason": "r"}}]
+    write_jsonl(tmp_path / "server.jsonl", rows)
+    assert train.read_collapse_warnings(str(tmp_path / "server.jsonl")) == [
+        {"party": "server", "step": 6, "teacher_entropy": 8.3, "kind": "uniform"}]
+
+
+def test_train_records_collapse_warnings(tmp_path):
+    """train.train flags logged steps after the teacher-temperature warm-up (thresholds forced so
+    every entropy is 'one-hot'), in the progress line and in the metrics line."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_config_for_plot_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("quick")
+    c.model.update(image_size=16, patch_size=4, embed_dim=16, num_heads=2, depth=1, out_dim=32,
+                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c.msd.num_local = 0
+    c.msd.teacher_temp_warmup_frac = 0.5            # warm-up: steps 1-2 of 4 (indices 0, 1)
+    c.train.update(batch_size=4, log_every=1, checkpoint_every=4, collapse_min_entropy=1e9)
+    logs = []
+    tokens = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    train.train(c, party="server", tokens=tokens, init_params=train.init_student_params(c),
+                ckpt_dir=str(tmp_path / "ckpt"), metrics_path=str(tmp_path / "m.jsonl"),
+                total_steps=4, log=logs.append)
+    step_lines = [l for l in logs if " step " in l and "/4 loss" in l]
+    assert len(step_lines) == 4
+    assert ["COLLAPSE?" in l for l in step_lines] == [False, False, True, True]
+    assert any("2 logged step(s)" in l for l in logs)
+    warnings = train.read_collapse_warnings(str(tmp_path / "m.jsonl"))
+    assert [(w["party"], w["step"], w["kind"]) for w in warnings] == [
+        ("server", 3, "one_hot"), ("server", 4, "one_hot")]
