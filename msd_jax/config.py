@@ -9,10 +9,14 @@ import ml_collections
 
 PROTOCOLS = ("token_upload", "model_upload")
 MODES = ("all", "encrypt", "site", "server", "eval")
+# what `python -m msd_jax.main` runs: the single-round pipeline (by --mode), the comparison of every
+# protocol and baseline (configs/compare.py), or the privacy audit (configs/audit.py)
+JOBS = ("pipeline", "compare", "audit")
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.job = "pipeline"            # 'pipeline' | 'compare' (configs/compare.py) | 'audit' (configs/audit.py)
     c.seed = 0
     c.protocol = "token_upload"   # 'token_upload' (the paper's) | 'model_upload'
     c.multihost = False           # call jax.distributed.initialize() first (multi-host TPU/GPU)
@@ -45,6 +49,13 @@ def base_config() -> ml_collections.ConfigDict:
         keep_ratio=1.0,           # share of each image's tokens a site uploads
         dtype="bfloat16",         # 'bfloat16' | 'float16' | 'float32'
         key_source="seed",        # 'urandom' for real sites (secret, never written); 'seed' reproducible
+        # encryption mode (docs/privacy.md): 'paper' (public head) or a '+'-joined combination of
+        # 'secret_head' (head from the sites' shared key), 'masked' (upload masked_keep_ratio of the
+        # tokens), 'feature_perm' (secret channel permutation), e.g. 'secret_head+masked'
+        mode="paper",
+        masked_keep_ratio=0.5,    # share of each image's tokens uploaded in a 'masked' mode
+        shared_key_source="seed",  # secret modes: 'seed' (reproducible) | 'urandom' (key file at sites)
+        shared_key_file="",       # '' = <workdir>/site_secret/shared_key (kept at the sites)
         shard_size=1024,
         batch_size=256,
     ))
@@ -79,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
         collapse_min_entropy=0.1,
         # ... or above this share of log(model.out_dim) (uniform collapse)
         collapse_max_entropy_frac=0.98,
+        # ... or when the batch uses fewer than this many prototypes: exp(entropy of the batch-mean
+        # teacher distribution) (every image goes to the same prototype); 2 = "not even two" (the
+        # least any class split needs), far below a healthy run's count, so no false alarms
+        collapse_min_prototypes=2.0,
+        tensorboard=True,         # TensorBoard scalars under WORKDIR/tensorboard/<party>/
     ))
 
     c.merge = ml_collections.ConfigDict(dict(
@@ -95,6 +111,22 @@ def base_config() -> ml_collections.ConfigDict:
         linear_steps=500, linear_lr=0.1, linear_weight_decay=1e-4,
         batch_size=256,
         random_init_baseline=True,
+        per_site=True,            # also probes fitted on each site's own labelled images alone
+    ))
+    c.audit = ml_collections.ConfigDict(dict(
+        # privacy audit (configs/audit.py): every attack against every mode
+        modes="paper,masked,feature_perm,secret_head,feature_perm+masked,secret_head+masked,"
+              "secret_head+feature_perm+masked",
+        attack_images=300,        # site images attacked (what the server received)
+        public_images=0,          # attacker's look-alike set (server's proxy split); 0 = all of it
+        kmeans_iters=30,
+        ridge=1e-3,               # covariance regulariser of the attackers (share of mean variance)
+        noise_var=1e-4,           # token noise the known-head attacker assumes (share of variance)
+        psnr_margin_db=0.0,       # 'near chance': PSNR <= mean-image PSNR + this
+        chance_factor=2.0,        # 'near chance': position accuracy <= this x chance
+        max_accuracy_drop=0.02,   # allowed linear-probe cost against 'paper' (accuracy, 0..1)
+        num_figure_images=6,
+        reuse=False,              # reuse a mode's finished pipeline run in DIR/modes/<mode>/ (same config)
     ))
     return c
 
@@ -106,6 +138,7 @@ def _check_choice(value, allowed, field):
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks the values that would otherwise fail deep inside a run."""
+    _check_choice(c.job, JOBS, "job")
     _check_choice(c.protocol, PROTOCOLS, "protocol")
     _check_choice(c.data.name, ("br35h", "folders"), "data.name")
     _check_choice(c.merge.data, ("proxy", "uploaded"), "merge.data")
@@ -126,11 +159,23 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.train.collapse_min_entropy < 0:
         raise ValueError(f"config.train.collapse_min_entropy: expected >= 0, got "
                          f"{c.train.collapse_min_entropy}")
+    if c.train.collapse_min_prototypes < 0:
+        raise ValueError(f"config.train.collapse_min_prototypes: expected >= 0 (<= 1 turns the check "
+                         f"off), got {c.train.collapse_min_prototypes}")
     if not 0 < c.train.collapse_max_entropy_frac <= 1:
         raise ValueError(f"config.train.collapse_max_entropy_frac: expected in (0, 1], got "
                          f"{c.train.collapse_max_entropy_frac}")
     from msd_jax.eval.features import parse_kinds  # noqa: PLC0415 (keeps `import config` light)
     parse_kinds(c.eval.features)
+    from msd_jax.privacy.modes import parse_mode  # noqa: PLC0415
+    parse_mode(c.encrypt.mode)
+    _check_choice(c.encrypt.shared_key_source, ("seed", "urandom"), "encrypt.shared_key_source")
+    if not 0 < c.encrypt.masked_keep_ratio < 1:
+        raise ValueError(f"config.encrypt.masked_keep_ratio: expected a fraction in (0, 1), got "
+                         f"{c.encrypt.masked_keep_ratio}")
+    if "audit" in c:
+        for m in c.audit.modes.split(","):
+            parse_mode(m.strip(), "config.audit.modes")
     if c.data.std <= 0:
         raise ValueError(f"config.data.std: expected > 0, got {c.data.std}")
     return c

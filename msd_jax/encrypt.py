@@ -1,9 +1,13 @@
 """The site's only computation: images -> head -> secret per-image permutation -> token subset.
 
-The head (patch embedding + position embedding) is fixed and distributed before the round, as a file
-with a fingerprint that every shard manifest repeats. The permutation keys come from a site key that
-is never written: from `os.urandom` (`encrypt.key_source='urandom'`, what a real site should use) or
-derived from the config seed and the site name (`'seed'`, reproducible runs).
+The head (patch embedding + position embedding) is fixed before the round. In `paper` and `masked`
+modes it is public: the server writes it to head/ and every shard manifest repeats its fingerprint.
+In the secret modes (`secret_head`, `feature_perm`, see msd_jax/privacy/modes.py) the head the sites
+apply is derived from a key the sites share (`shared_key`) and never leaves them; the server only
+receives head/transform.json (mode + the transform's SHA-256 fingerprint), and evaluation applies the
+head at the site side (`eval_head`). The permutation keys come from a site key that is never
+written: from `os.urandom` (`encrypt.key_source='urandom'`, what a real site should use) or derived
+from the config seed and the site name (`'seed'`, reproducible runs).
 """
 from __future__ import annotations
 
@@ -19,7 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from msd_jax.models import vit
+from msd_jax.privacy import modes as modes_lib
 
+TRANSFORM_META = "transform.json"  # secret modes: what the sites tell the server (no parameters)
+SECRET_DIR = "site_secret"         # default home of the sites' shared key file (never sent)
+SHARED_KEY_BYTES = 32
 HEAD_FILE = "head.msgpack"
 HEAD_META = "head.json"
 HEAD_FIELDS = ("image_size", "patch_size", "channels", "embed_dim", "pos_embed")
@@ -90,11 +98,30 @@ def normalize(images, mean: float, std: float):
     return (images - mean) / std
 
 
+def _orders(keys, num_patches: int, keep: int):
+    return jax.vmap(lambda k: jax.random.permutation(k, num_patches)[:keep])(keys)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "keep"))
 def _encrypt_batch(head_params, images, keys, cfg: vit.ViTConfig, keep: int):
     tokens = vit.PatchHead(cfg).apply({"params": head_params}, images)
-    order = jax.vmap(lambda k: jax.random.permutation(k, cfg.num_patches)[:keep])(keys)
+    order = _orders(keys, cfg.num_patches, keep)
     return jnp.take_along_axis(tokens, order[..., None], axis=1)
+
+
+def keep_count(keep_ratio: float, num_patches: int) -> int:
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"config.encrypt.keep_ratio: expected a fraction in (0, 1], got {keep_ratio}")
+    return max(1, int(round(keep_ratio * num_patches)))
+
+
+def token_positions(key: jax.Array, num_images: int, num_patches: int, keep_ratio: float = 1.0,
+                    start: int = 0) -> np.ndarray:
+    """[num_images, keep] raster positions of the tokens `encrypt_images` emits for images
+    start..start+num_images under `key` (the ground truth an audit scores attacks against)."""
+    keep = keep_count(keep_ratio, num_patches)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + num_images))
+    return np.asarray(jax.jit(_orders, static_argnums=(1, 2))(keys, num_patches, keep))
 
 
 def encrypt_images(head_params, cfg: vit.ViTConfig, images: np.ndarray, key: jax.Array, *,
@@ -102,9 +129,7 @@ def encrypt_images(head_params, cfg: vit.ViTConfig, images: np.ndarray, key: jax
                    batch_size: int = 256) -> np.ndarray:
     """images [N, H, W, C] in [0, 1] -> encrypted tokens [N, keep, D] float32. Image i is permuted
     with fold_in(key, i): a fresh permutation per image."""
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"config.encrypt.keep_ratio: expected a fraction in (0, 1], got {keep_ratio}")
-    keep = max(1, int(round(keep_ratio * cfg.num_patches)))
+    keep = keep_count(keep_ratio, cfg.num_patches)
     out = []
     for start in range(0, len(images), batch_size):
         batch = normalize(np.asarray(images[start:start + batch_size], np.float32), mean, std)
@@ -122,3 +147,170 @@ def _plain_tokens(head_params, images, cfg: vit.ViTConfig):
 def plain_tokens(head_params, cfg: vit.ViTConfig, images: np.ndarray, mean: float, std: float) -> jax.Array:
     """Head output in raster order (what a site computes for its own evaluation)."""
     return _plain_tokens(head_params, normalize(np.asarray(images, np.float32), mean, std), cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encryption modes: the head transform the sites apply (see msd_jax/privacy/modes.py)
+# ---------------------------------------------------------------------------------------------
+def _key_from_bytes(data: bytes) -> jax.Array:
+    """A jax key from secret bytes: the first 8 seed it, every further 4 are folded in."""
+    key = jax.random.key(int.from_bytes(data[:8], "little") >> 1)
+    for i in range(8, len(data) - 3, 4):
+        key = jax.random.fold_in(key, int.from_bytes(data[i:i + 4], "little"))
+    return key
+
+
+def shared_key_path(encrypt_cfg, workdir: str) -> str:
+    """Where the sites keep their shared key file: encrypt.shared_key_file, or
+    <workdir>/site_secret/shared_key (a site-side folder: never copy it to the server)."""
+    return encrypt_cfg.shared_key_file or os.path.join(workdir, SECRET_DIR, "shared_key")
+
+
+def shared_key(source: str, seed: int, key_file: str = "") -> jax.Array:
+    """The key every site shares for the secret head and the channel permutation. Never written
+    outside `key_file`. 'seed': derived from the config seed (reproducible experiments; anyone with
+    the config has it). 'urandom': 32 bytes from os.urandom kept in `key_file`, created by the first
+    site and copied to the other sites out of band (never to the server)."""
+    if source == "seed":
+        return jax.random.fold_in(jax.random.key(seed), 0x5A4ED)
+    if source != "urandom":
+        raise ValueError(f"config.encrypt.shared_key_source: expected 'seed' or 'urandom', got {source!r}")
+    if not key_file:
+        raise ValueError("config.encrypt.shared_key_file: expected the path of the sites' shared key file "
+                         "with shared_key_source='urandom'")
+    if not os.path.isfile(key_file):
+        os.makedirs(os.path.dirname(os.path.abspath(key_file)), exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(SHARED_KEY_BYTES))
+    with open(key_file, "rb") as f:
+        data = f.read()
+    if len(data) != SHARED_KEY_BYTES:
+        raise ValueError(f"{key_file}: the shared key file holds {len(data)} bytes, expected "
+                         f"{SHARED_KEY_BYTES} (written by the first site with os.urandom)")
+    return _key_from_bytes(data)
+
+
+def random_orthogonal(key: jax.Array, dim: int) -> np.ndarray:
+    """A Haar-random orthogonal matrix [dim, dim] (QR of a Gaussian matrix, signs fixed)."""
+    a = np.asarray(jax.random.normal(key, (dim, dim), jnp.float32), np.float64)
+    q, r = np.linalg.qr(a)
+    return q * np.sign(np.diag(r))[None]
+
+
+def secret_head_params(cfg: vit.ViTConfig, key: jax.Array):
+    """A head only the key holders know: a fresh patch embedding, and the position embedding
+    rotated by a secret orthogonal matrix (sincos: the positions' geometry, their inner products, is
+    kept, their coordinates are secret) or drawn fresh (random)."""
+    params = jax.device_get(vit.init_head(cfg, jax.random.fold_in(key, 1)))
+    if cfg.pos_embed == "sincos":
+        rot = random_orthogonal(jax.random.fold_in(key, 2), cfg.embed_dim)
+        pos = vit.sincos_pos_embed(cfg.embed_dim, cfg.grid).astype(np.float64) @ rot
+        params = {**params, "pos_embed": pos[None].astype(np.float32)}
+    return params
+
+
+def channel_permutation(cfg: vit.ViTConfig, key: jax.Array) -> np.ndarray:
+    return np.asarray(jax.random.permutation(jax.random.fold_in(key, 3), cfg.embed_dim))
+
+
+def permute_channels(head_params, perm: np.ndarray):
+    """The head whose output is the given head's output with channels reordered: out[..., perm]."""
+    pe = head_params["patch_embed"]
+    return {"patch_embed": {"kernel": np.asarray(pe["kernel"])[:, perm],
+                            "bias": np.asarray(pe["bias"])[perm]},
+            "pos_embed": np.asarray(head_params["pos_embed"])[..., perm]}
+
+
+def transform_head(mode: str, cfg: vit.ViTConfig, public_head, key) :
+    """The head the sites apply in `mode`: the public head, or one derived from the shared `key`
+    (secret_head), with the channels permuted by the key (feature_perm). `key` may be None when the
+    mode has no secret part; `public_head` may be None when the mode has secret_head."""
+    parts = modes_lib.parse_mode(mode)
+    if parts & {"secret_head", "feature_perm"} and key is None:
+        raise ValueError(f"encryption mode {mode!r} needs the sites' shared key")
+    head = secret_head_params(cfg, key) if "secret_head" in parts else jax.device_get(public_head)
+    if "feature_perm" in parts:
+        head = permute_channels(head, channel_permutation(cfg, key))
+    return head
+
+
+def site_head(config, workdir: str, public_key: jax.Array = None):
+    """(head params, fingerprint) the sites apply in config.encrypt.mode. A public head comes from
+    <workdir>/head/ (created from `public_key` the first time: the server's job before the round);
+    a secret one from the sites' shared key. Writes nothing but the public head."""
+    e = config.encrypt
+    mode = modes_lib.canonical(e.mode)
+    cfg = vit.ViTConfig.from_config(config.model)
+    head_dir = os.path.join(workdir, "head")
+    public = None
+    if "secret_head" not in modes_lib.parse_mode(mode):
+        if public_key is None:
+            public, _ = load_head(head_dir, cfg)
+        else:
+            public, _ = get_or_create_head(head_dir, cfg, public_key)
+    key = None
+    if modes_lib.secret_transform(mode):
+        key = shared_key(e.shared_key_source, config.seed, shared_key_path(e, workdir))
+    head = transform_head(mode, cfg, public, key)
+    return head, head_fingerprint(cfg, head)
+
+
+def write_transform(head_dir: str, cfg: vit.ViTConfig, mode: str, fingerprint: str) -> None:
+    """Secret modes: the sites' note to the server (mode and fingerprint, no parameters)."""
+    os.makedirs(head_dir, exist_ok=True)
+    path = os.path.join(head_dir, TRANSFORM_META)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"mode": modes_lib.canonical(mode), "fingerprint": fingerprint,
+                   **{k: getattr(cfg, k) for k in HEAD_FIELDS}}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def expected_fingerprint(config, head_dir: str, cfg: vit.ViTConfig) -> str:
+    """The fingerprint the server checks every shard against: the public head's (head/head.json)
+    or, in a secret mode, the one the sites sent (head/transform.json)."""
+    mode = modes_lib.canonical(config.encrypt.mode)
+    path = os.path.join(head_dir, TRANSFORM_META)
+    if not modes_lib.secret_transform(mode):
+        if os.path.isfile(path):
+            with open(path) as f:
+                got = json.load(f).get("mode")
+            raise ValueError(f"{path}: field 'mode' is {got!r}, but config.encrypt.mode is {mode!r} "
+                             "(the sites encrypted with a secret transform; use their mode)")
+        return load_head(head_dir, cfg)[1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no transform fingerprint here (config.encrypt.mode={mode!r} "
+                                "is a secret mode: the sites write it in --mode encrypt)")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("mode") != mode:
+        raise ValueError(f"{path}: field 'mode' is {meta.get('mode')!r}, but config.encrypt.mode is "
+                         f"{mode!r}")
+    for k in HEAD_FIELDS:
+        if meta.get(k) != getattr(cfg, k):
+            raise ValueError(f"{path}: field {k!r} is {meta.get(k)!r} but config.model.{k} is "
+                             f"{getattr(cfg, k)!r}")
+    return meta["fingerprint"]
+
+
+def server_head(config, head_dir: str, cfg: vit.ViTConfig):
+    """The head the server stores in backbone/: the public head, or in a secret mode a zero
+    placeholder (the server never has the sites' head; eval_head puts it back at the site side)."""
+    if modes_lib.secret_transform(config.encrypt.mode):
+        expected_fingerprint(config, head_dir, cfg)
+        return jax.tree_util.tree_map(np.zeros_like, jax.device_get(vit.init_head(cfg, jax.random.key(0))))
+    return load_head(head_dir, cfg)[0]
+
+
+def eval_head(config, workdir: str, cfg: vit.ViTConfig, backbone_head):
+    """The head a site applies to its own images for evaluation: the backbone's (public) head, or
+    in a secret mode the site's own head, checked against the fingerprint the server holds."""
+    if not modes_lib.secret_transform(config.encrypt.mode):
+        return backbone_head
+    head, fp = site_head(config, workdir)
+    expected = expected_fingerprint(config, os.path.join(workdir, "head"), cfg)
+    if fp != expected:
+        raise ValueError(f"{os.path.join(workdir, 'head', TRANSFORM_META)}: field 'fingerprint' is "
+                         f"{expected[:16]}..., but this site's head (config.encrypt.shared_key_source="
+                         f"{config.encrypt.shared_key_source!r}) has {fp[:16]}...: another shared key")
+    return head

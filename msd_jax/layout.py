@@ -9,6 +9,7 @@ folder here, so each party can run on its own machine with the folders copied be
   checkpoints/<party>/  Orbax training checkpoints (resume)
   backbone/        the final teacher backbone (head + body), Orbax
   metrics/<party>.jsonl, report.json
+  tensorboard/<party>/  TensorBoard events of the same scalars (and tensorboard/eval/)
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ class Workdir:
     def metrics(self, party: str) -> str:
         os.makedirs(self._p("metrics"), exist_ok=True)
         return self._p("metrics", f"{party}.jsonl")
+
+    def tensorboard(self, party: str) -> str:
+        return self._p("tensorboard", party)
 
     def uploaded_sites(self) -> list[str]:
         """Sites whose shards are present, in sorted order (the proxy set excluded)."""

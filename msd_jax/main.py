@@ -2,6 +2,8 @@
 
 --mode all (default) runs every party in turn; encrypt | site | server | eval run one party's part
 on files in DIR, so each party can run on its own machine (see layout.py for the folders).
+A config with `job='compare'` (configs/compare.py) or `job='audit'` (configs/audit.py) runs the
+comparison of every protocol and baseline, or the privacy audit, instead.
 """
 import os
 import sys
@@ -33,6 +35,14 @@ def main(argv):
     wd = Workdir(FLAGS.workdir)
     os.makedirs(wd.root, exist_ok=True)
     mode = FLAGS.mode
+    if config.job == "compare":
+        from msd_jax import compare
+        compare.run_compare(config, wd.root)
+        return
+    if config.job == "audit":
+        from msd_jax.privacy import audit
+        audit.run_audit(config, wd.root)
+        return
 
     data = sites_lib.load(config) if mode in ("all", "encrypt", "eval") else None
     if data is not None and FLAGS.sites:

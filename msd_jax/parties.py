@@ -15,6 +15,7 @@ from msd_jax.eval.features import extract_features, parse_kinds
 from msd_jax.federation import model_io, model_upload, token_upload
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
+from msd_jax.privacy import modes as modes_lib
 
 
 def _record(wd: Workdir, phase: str, **fields) -> None:
@@ -41,8 +42,10 @@ def run_encrypt(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -
     Creates the head from the seed the first time (the server's job before the round)."""
     t0 = time.perf_counter()
     model_cfg = vit.ViTConfig.from_config(config.model)
-    head_params, fingerprint = encrypt.get_or_create_head(wd.head, model_cfg,
-                                                          train.party_key(config.seed, "head"))
+    # the encryption mode's head (public, or from the sites' shared key: see encrypt.site_head)
+    head_params, fingerprint = encrypt.site_head(config, wd.root, train.party_key(config.seed, "head"))
+    if modes_lib.secret_transform(config.encrypt.mode):  # the server gets only the fingerprint
+        encrypt.write_transform(wd.head, model_cfg, config.encrypt.mode, fingerprint)
     e = config.encrypt
     todo = list(data.sites)
     if config.protocol == "model_upload" and config.merge.data == "proxy" and data.proxy is not None:
@@ -53,10 +56,11 @@ def run_encrypt(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -
         s0 = time.perf_counter()
         tokens = encrypt.encrypt_images(head_params, model_cfg, images.images,
                                         encrypt.site_key(e.key_source, config.seed, name),
-                                        keep_ratio=e.keep_ratio, mean=config.data.mean,
+                                        keep_ratio=modes_lib.upload_keep_ratio(e), mean=config.data.mean,
                                         std=config.data.std, batch_size=e.batch_size)
         manifest = shards.write_shards(wd.shards(name), name, tokens, dtype=e.dtype,
-                                       head_fingerprint=fingerprint, shard_size=e.shard_size)
+                                       head_fingerprint=fingerprint, shard_size=e.shard_size,
+                                       extra={"encrypt_mode": modes_lib.canonical(e.mode)})
         dt = time.perf_counter() - s0
         log(f"[{name}] encrypted {len(tokens)} images -> {manifest['tokens_per_image']} tokens x "
             f"{manifest['embed_dim']} ({e.dtype}), {shards.shard_bytes(wd.shards(name)) / 2**20:.1f} MiB, "
@@ -79,20 +83,22 @@ def run_server(config, wd: Workdir, log=print) -> None:
     """Server: train on uploaded tokens, or merge uploaded models; writes backbone/."""
     t0 = time.perf_counter()
     model_cfg = vit.ViTConfig.from_config(config.model)
-    head_params, _ = encrypt.load_head(wd.head, model_cfg)
+    head_params = encrypt.server_head(config, wd.head, model_cfg)  # zeros in a secret mode
     if config.protocol == "token_upload":
         teacher = token_upload.train_server(config, wd, log=log)
     else:
         teacher = model_upload.merge(config, wd, log=log)
     model_io.save_backbone(wd.backbone, head_params, teacher["body"], model_cfg,
-                           protocol=config.protocol, seed=config.seed)
+                           protocol=config.protocol, seed=config.seed,
+                           encrypt_mode=modes_lib.canonical(config.encrypt.mode),
+                           data_mean=config.data.mean, data_std=config.data.std)
     log(f"[server] backbone written to {wd.backbone}")
     _record(wd, "server", seconds=time.perf_counter() - t0)
 
 
 def _site_traffic(config, wd: Workdir) -> list[dict]:
-    head_bytes = sum(os.path.getsize(os.path.join(wd.head, f))
-                     for f in (encrypt.HEAD_FILE, encrypt.HEAD_META))
+    head_bytes = sum(os.path.getsize(os.path.join(wd.head, f))  # secret modes: no head file
+                     for f in (encrypt.HEAD_FILE, encrypt.HEAD_META) if os.path.isfile(os.path.join(wd.head, f)))
     rows = []
     for site in wd.uploaded_sites():
         manifest = shards.read_manifest(wd.shards(site))
@@ -114,6 +120,8 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
     t0 = time.perf_counter()
     model_cfg = vit.ViTConfig.from_config(config.model)
     head_params, body_params, meta = model_io.load_backbone(wd.backbone, model_cfg)
+    # the eval party plays a site: in a secret mode it applies the sites' head, not the server's
+    head_params = encrypt.eval_head(config, wd.root, model_cfg, head_params)
     train_set, test_set = data.labelled_train, data.test
     num_classes = len(test_set.class_names)
     ev = config.eval
@@ -138,6 +146,9 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
         baseline = probe(train.init_student_params(config)["body"])
         report["baseline_random_init"] = baseline[kinds[0]]
         report["baseline_random_init_by_features"] = baseline
+    if ev.get("per_site", True):
+        report["eval_by_site"] = _eval_by_site(config, head_params, body_params, model_cfg, data,
+                                               kinds[0], log)
     records = _read_records(wd)
     timing = {k: round(v["seconds"], 2) for k, v in records.items() if "seconds" in v}
     timing["eval"] = round(time.perf_counter() - t0, 2)
@@ -158,9 +169,14 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
             log(f"[eval] could not read {path}: {e}")
     report["collapse_warnings"] = warnings
     if warnings:
-        log(f"[eval] COLLAPSE? {len(warnings)} logged step(s) flagged by the teacher-entropy monitor: "
+        log(f"[eval] COLLAPSE? {len(warnings)} logged step(s) flagged by the collapse monitor: "
             f"{sorted({(w['party'], w['kind']) for w in warnings})}")
     _write_report(wd, report)
+    if config.train.get("tensorboard", True):
+        try:
+            _tensorboard_eval(wd, report)
+        except Exception as e:  # noqa: BLE001 (the report is written; events are a convenience)
+            log(f"[eval] TensorBoard events not written: {type(e).__name__}: {e}")
     # The figures come after the report, so a plotting failure cannot lose it.
     plots = []
     plot_dir = os.path.join(wd.root, "plots")
@@ -179,9 +195,49 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
             plots.append(out)
     except Exception as e:  # noqa: BLE001
         log(f"[eval] attention maps not drawn: {type(e).__name__}: {e}")
+    try:
+        if report.get("eval_by_site"):
+            from msd_jax import plots as plots_lib  # noqa: PLC0415
+            plots.append(plots_lib.site_accuracy(
+                report["eval_by_site"], report["eval"], report.get("baseline_random_init"),
+                os.path.join(plot_dir, "site_accuracy.png"), feature=kinds[0]))
+    except Exception as e:  # noqa: BLE001
+        log(f"[eval] site accuracy not drawn: {type(e).__name__}: {e}")
     report["plots"] = plots
     _write_report(wd, report)
     return report
+
+
+def _eval_by_site(config, head_params, body_params, model_cfg, data, kind: str, log) -> dict:
+    """{site: {'num_images', 'knn', 'linear'}}: probes fitted on one site's own labelled images
+    (feature `kind`), scored on the pooled test split: what each hospital gets with its own labels."""
+    ev = config.eval
+    kw = dict(mean=config.data.mean, std=config.data.std, batch_size=ev.batch_size)
+    f_test = extract_features(head_params, body_params, model_cfg, data.test.images, **kw)[kind]
+    out = {}
+    for name, images in data.sites:
+        if len(images) == 0:
+            log(f"[eval] site {name!r} has no labelled images: left out of eval_by_site")
+            continue
+        f_site = extract_features(head_params, body_params, model_cfg, images.images, **kw)[kind]
+        r = evaluate_features(f_site, images.labels, f_test, data.test.labels,
+                              len(data.test.class_names), knn_k=ev.knn_k,
+                              knn_temperature=ev.knn_temperature, linear_steps=ev.linear_steps,
+                              linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
+                              seed=config.seed)
+        out[name] = {"num_images": len(images), **r}
+    return out
+
+
+def _tensorboard_eval(wd: Workdir, report: dict) -> None:
+    """The report's accuracies and AUCs as scalars under WORKDIR/tensorboard/eval/ (step 0)."""
+    from msd_jax.tensorboard import ScalarWriter  # noqa: PLC0415
+    with ScalarWriter(wd.tensorboard("eval")) as w:
+        w.eval_results(report["eval_by_features"], "eval/")
+        w.eval_results(report.get("baseline_random_init_by_features", {}), "eval_random_init/")
+        w.eval_results({site: {p: r[p] for p in ("knn", "linear")}
+                        for site, r in report.get("eval_by_site", {}).items()},
+                       f"eval_by_site_{report['features']}/")
 
 
 def _metrics_files(wd: Workdir) -> dict[str, str]:

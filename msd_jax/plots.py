@@ -96,3 +96,35 @@ def attention_maps(head_params, body_params, cfg: vit.ViTConfig, images: np.ndar
     finally:
         plt.close(fig)
     return att
+
+
+def site_accuracy(by_site: dict, pooled: dict, random_init: dict | None, out_png: str,
+                  feature: str = "") -> str:
+    """Grouped bars of kNN and linear-probe accuracy: one group per site (probes fitted on that
+    site's labelled images alone), then the pooled probes and the random-init backbone for
+    reference. `by_site` is report['eval_by_site']; `pooled`, `random_init` are {'knn', 'linear'}."""
+    groups = [(f"{name}\n(n={r['num_images']})", r) for name, r in by_site.items()]
+    groups.append(("pooled", pooled))
+    if random_init is not None:
+        groups.append(("random init\n(pooled)", random_init))
+    x = np.arange(len(groups))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 1.5), 4))
+    try:
+        for j, (probe, label) in enumerate((("knn", "kNN"), ("linear", "linear probe"))):
+            vals = [r[probe]["accuracy"] for _, r in groups]
+            bars = ax.bar(x + (j - 0.5) * width, vals, width, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(x, [g for g, _ in groups], fontsize=8)
+        ax.axvline(len(by_site) - 0.5, color="gray", lw=0.8, ls="--")
+        ax.set_ylim(0, 1.2)  # room above the bars for the legend
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_ylabel("test accuracy (pooled test split)")
+        ax.set_title("probes fitted on each site's own labels" + (f" ({feature} features)" if feature else ""),
+                     fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", ncol=2)
+        _save(fig, out_png)
+    finally:
+        plt.close(fig)
+    return out_png

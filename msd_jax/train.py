@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from msd_jax import tensorboard
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 
@@ -67,20 +68,27 @@ def _format_eta(seconds: float) -> str:
 
 
 def collapse_check(teacher_entropy: float, out_dim: int, min_entropy: float,
-                   max_entropy_frac: float) -> Optional[tuple[str, str]]:
-    """(kind, reason) when the teacher entropy (nats) signals a collapse, else None.
+                   max_entropy_frac: float, *, effective_prototypes: Optional[float] = None,
+                   min_prototypes: float = 0.0) -> Optional[tuple[str, str]]:
+    """(kind, reason) when the teacher statistics signal a collapse, else None.
 
-    'one_hot': below `min_entropy` (every image goes to one prototype); 'uniform': above
-    `max_entropy_frac * log(out_dim)` (the teacher output carries no information).
+    'one_hot': the teacher entropy (nats) is below `min_entropy` (every image goes to one
+    prototype); 'uniform': above `max_entropy_frac * log(out_dim)` (the teacher output carries no
+    information); 'prototypes': the batch uses fewer than `min_prototypes` prototypes
+    (`effective_prototypes`, the perplexity of the batch-mean teacher distribution), i.e. every
+    image goes to the same few prototypes. The first that applies, in that order.
     """
-    if not math.isfinite(teacher_entropy):
-        return None
-    if teacher_entropy < min_entropy:
-        return "one_hot", f"one-hot collapse: teacher_entropy {teacher_entropy:.3f} < {min_entropy:g}"
-    top = max_entropy_frac * math.log(out_dim)
-    if teacher_entropy > top:
-        return "uniform", (f"uniform collapse: teacher_entropy {teacher_entropy:.3f} > "
-                           f"{max_entropy_frac:g} * log({out_dim}) = {top:.3f}")
+    if math.isfinite(teacher_entropy):
+        if teacher_entropy < min_entropy:
+            return "one_hot", f"one-hot collapse: teacher_entropy {teacher_entropy:.3f} < {min_entropy:g}"
+        top = max_entropy_frac * math.log(out_dim)
+        if teacher_entropy > top:
+            return "uniform", (f"uniform collapse: teacher_entropy {teacher_entropy:.3f} > "
+                               f"{max_entropy_frac:g} * log({out_dim}) = {top:.3f}")
+    if effective_prototypes is not None and math.isfinite(effective_prototypes) \
+            and effective_prototypes < min_prototypes:
+        return "prototypes", (f"prototype collapse: effective_prototypes {effective_prototypes:.2f} "
+                              f"< {min_prototypes:g}")
     return None
 
 
@@ -105,10 +113,16 @@ def read_metrics(path: str) -> list[dict]:
 
 def read_collapse_warnings(metrics_path: str) -> list[dict]:
     """The collapse warnings recorded in a metrics JSONL file: [{"party", "step", "teacher_entropy",
-    "kind"}]."""
-    return [{"party": m.get("party"), "step": m["step"], "teacher_entropy": m.get("teacher_entropy"),
-             "kind": m["collapse"]["kind"]}
-            for m in read_metrics(metrics_path) if isinstance(m.get("collapse"), dict)]
+    "kind"}], plus "effective_prototypes" where the line has it."""
+    out = []
+    for m in read_metrics(metrics_path):
+        if isinstance(m.get("collapse"), dict):
+            w = {"party": m.get("party"), "step": m["step"], "teacher_entropy": m.get("teacher_entropy"),
+                 "kind": m["collapse"]["kind"]}
+            if "effective_prototypes" in m:
+                w["effective_prototypes"] = m["effective_prototypes"]
+            out.append(w)
+    return out
 
 
 def checkpoint_meta(model_cfg: vit.ViTConfig, party: str, num_heads_out: int, total_steps: int) -> dict:
@@ -132,12 +146,18 @@ def check_meta(ckpt_dir: str, saved: dict, expected: dict) -> None:
 def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir: str,
           metrics_path: Optional[str] = None, total_steps: int, num_heads_out: int = 1,
           site_params: Any = None, stop_at: Optional[int] = None,
-          log: Callable[[str], None] = print) -> step_lib.TrainState:
+          log: Callable[[str], None] = print, tensorboard_dir: Optional[str] = None,
+          init_state: Optional[step_lib.TrainState] = None) -> step_lib.TrainState:
     """Trains `init_params` with the MSD step on `tokens` [N, n, D] for `total_steps` steps.
 
     Resumes from the latest checkpoint in `ckpt_dir`. With `site_params` (stacked site students),
     the step distils those fixed teachers into `num_heads_out` heads (one-shot merge). `stop_at`
-    ends the run early after that step (a deliberate interruption, used by tests).
+    ends the run early after that step (a deliberate interruption, used by tests). With
+    `tensorboard_dir`, the logged steps' scalars also go there as TensorBoard events (unless
+    config.train.tensorboard is False). `init_state`
+    (a TrainState: step, student, teacher, optimizer state, centre) replaces the fresh state built
+    from `init_params` when there is no checkpoint yet; FedAvg starts each round from the global
+    student and teacher this way, with `state.step` the global step so schedules run across rounds.
     """
     model_cfg = vit.ViTConfig.from_config(config.model)
     merge = site_params is not None
@@ -150,7 +170,8 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
                                       mesh, merge)
     meta = checkpoint_meta(model_cfg, party, num_heads_out, total_steps)
 
-    state = step_lib.init_state(init_params, num_heads_out, model_cfg.out_dim, sc)
+    state = (init_state if init_state is not None
+             else step_lib.init_state(init_params, num_heads_out, model_cfg.out_dim, sc))
     options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
     with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options) as mngr:
         latest = mngr.latest_step()
@@ -179,7 +200,9 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
         tcfg = config.train
         min_ent = float(tcfg.get("collapse_min_entropy", 0.1))
         max_frac = float(tcfg.get("collapse_max_entropy_frac", 0.98))
+        min_protos = float(tcfg.get("collapse_min_prototypes", 2.0))
         num_collapse = 0
+        board = tensorboard.ScalarWriter(tensorboard_dir if tcfg.get("tensorboard", True) else None)
         t0, last_t, last_step = time.perf_counter(), time.perf_counter(), start
         try:
             for s in range(start, end):
@@ -187,6 +210,8 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
                 toks, ids_dev = step_lib.shard_batch(mesh, tokens[ids], ids)
                 args = (state, toks, ids_dev, key) + ((site_params,) if merge else ())
                 state, metrics = step_fn(*args)
+                if s == start:  # compiled by now: hand the compiler's freed heap back to the OS
+                    step_lib.release_host_memory()
                 done = s + 1
                 is_log = done % config.train.log_every == 0 or done == end
                 is_ckpt = done % config.train.checkpoint_every == 0 or done == end
@@ -207,26 +232,32 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
                     line = {"party": party, **m}
                     warn = ""
                     if s >= sc.teacher_temp_warmup_steps:  # this step used the final teacher temp
-                        flagged = collapse_check(m["teacher_entropy"], model_cfg.out_dim, min_ent, max_frac)
+                        flagged = collapse_check(m["teacher_entropy"], model_cfg.out_dim, min_ent, max_frac,
+                                                 effective_prototypes=m.get("effective_prototypes"),
+                                                 min_prototypes=min_protos)
                         if flagged:
                             num_collapse += 1
                             line["collapse"] = {"kind": flagged[0], "reason": flagged[1]}
                             warn = f" COLLAPSE? {flagged[1]}"
                     log(f"[{party}] step {done}/{total_steps} loss {m['loss']:.4f} "
-                        f"teacher_entropy {m['teacher_entropy']:.3f} lr {m['lr']:.2e} "
+                        f"teacher_entropy {m['teacher_entropy']:.3f} "
+                        f"prototypes {m.get('effective_prototypes', math.nan):.1f} lr {m['lr']:.2e} "
                         f"{ips:.1f} img/s ETA {_format_eta(eta)}{warn}")
                     if metrics_file:
                         metrics_file.write(json.dumps(line) + "\n")
                         metrics_file.flush()
+                    board.train_metrics(m)
                     last_t, last_step = now, done
                 if is_ckpt:
                     save(done)
             if num_collapse:
-                log(f"[{party}] COLLAPSE? {num_collapse} logged step(s) flagged by the teacher-entropy "
-                    f"monitor (config.train.collapse_min_entropy / collapse_max_entropy_frac)")
+                log(f"[{party}] COLLAPSE? {num_collapse} logged step(s) flagged by the collapse monitor "
+                    f"(config.train.collapse_min_entropy / collapse_max_entropy_frac / "
+                    f"collapse_min_prototypes)")
         finally:
             if metrics_file:
                 metrics_file.close()
+            board.close()
             mngr.wait_until_finished()
     return jax.device_get(state)
 

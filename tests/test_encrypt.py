@@ -311,3 +311,39 @@ def test_load_head_missing(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         encrypt.load_head(str(tmp_path / "nohead"), CFG)
     assert str(tmp_path / "nohead") in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions and encryption modes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_token_positions_are_the_emitted_order(head, ratio):
+    """token_positions (the audit's ground truth) names the raster position of every emitted token,
+    checked by matching the tokens to the numpy head's rows; also from an offset start."""
+    imgs = _images(6, seed=5)
+    key = jax.random.key(21)
+    enc = encrypt.encrypt_images(head, CFG, imgs, key, keep_ratio=ratio, mean=MEAN, std=STD)
+    found = np.stack(permutations_of(enc, numpy_plain_tokens(head, imgs)))
+    np.testing.assert_array_equal(encrypt.token_positions(key, 6, NUM_PATCHES, ratio), found)
+    np.testing.assert_array_equal(encrypt.token_positions(key, 2, NUM_PATCHES, ratio, start=4), found[4:])
+
+
+def test_secret_mode_eval_head_checks_the_fingerprint(tmp_path):
+    cfg = _config("seed")
+    cfg.encrypt.mode = "secret_head"
+    root = str(tmp_path / "wd")
+    h1, fp1 = encrypt.site_head(cfg, root)
+    assert not os.path.exists(os.path.join(root, "head", encrypt.HEAD_FILE))  # nothing public
+    encrypt.write_transform(os.path.join(root, "head"), CFG, cfg.encrypt.mode, fp1)
+    placeholder = encrypt.server_head(cfg, os.path.join(root, "head"), CFG)
+    assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(placeholder))
+    got = encrypt.eval_head(cfg, root, CFG, placeholder)
+    np.testing.assert_array_equal(got["patch_embed"]["kernel"], h1["patch_embed"]["kernel"])
+    other = _config("seed")
+    other.encrypt.mode = "secret_head"
+    other.seed = 5                                   # another shared key (seed-derived)
+    with pytest.raises(ValueError, match="fingerprint"):
+        encrypt.eval_head(other, root, CFG, placeholder)
+    # paper mode: the backbone's public head is used as it is
+    cfg.encrypt.mode = "paper"
+    assert encrypt.eval_head(cfg, root, CFG, placeholder) is placeholder

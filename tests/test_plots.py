@@ -1,6 +1,7 @@
 """Tests for msd_jax.plots (training curves, CLS attention maps) and the collapse monitor."""
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -77,7 +78,7 @@ def layer_norm(x, scale, bias, eps=1e-6):
 def numpy_cls_attention(head, body, images, mean, std):
     """Independent reference: head -> tokens (raster order) -> CLS -> LayerNorm -> qkv -> softmax."""
     x = (np.asarray(images, np.float64) - mean) / std
-    b, s, p, g = len(x), CFG.image_size, CFG.patch_size, CFG.grid
+    b, p, g = len(x), CFG.patch_size, CFG.grid
     patches = np.stack([x[:, r * p:(r + 1) * p, c * p:(c + 1) * p, :].reshape(b, -1)
                         for r in range(g) for c in range(g)], axis=1)  # raster order
     h = {k: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v) for k, v in head.items()}
@@ -197,3 +198,135 @@ def test_train_records_collapse_warnings(tmp_path):
     warnings = train.read_collapse_warnings(str(tmp_path / "m.jsonl"))
     assert [(w["party"], w["step"], w["kind"]) for w in warnings] == [
         ("server", 3, "one_hot"), ("server", 4, "one_hot")]
+
+
+def test_collapse_check_flags_few_effective_prototypes():
+    k = 4096
+    healthy = 3.0   # teacher entropy in nats, inside (0.1, 0.98 log k)
+    flagged = train.collapse_check(healthy, k, 0.1, 0.98, effective_prototypes=1.3, min_prototypes=2.0)
+    assert flagged is not None and flagged[0] == "prototypes" and "1.30 < 2" in flagged[1]
+    assert train.collapse_check(healthy, k, 0.1, 0.98, effective_prototypes=40.0, min_prototypes=2.0) is None
+    # without the metric (older metrics lines) or with the check off, nothing is flagged
+    assert train.collapse_check(healthy, k, 0.1, 0.98) is None
+    assert train.collapse_check(healthy, k, 0.1, 0.98, effective_prototypes=1.0, min_prototypes=1.0) is None
+    assert train.collapse_check(healthy, k, 0.1, 0.98, effective_prototypes=float("nan"),
+                                min_prototypes=2.0) is None
+    # the entropy checks come first
+    assert train.collapse_check(0.01, k, 0.1, 0.98, effective_prototypes=1.0, min_prototypes=2.0)[0] == "one_hot"
+
+
+def test_train_flags_prototype_collapse(tmp_path):
+    """With the entropy checks off and collapse_min_prototypes above any possible count, every
+    logged step after the warm-up is flagged 'prototypes' in the log, the metrics and the warnings."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_config_for_plot_tests2", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("quick")
+    c.model.update(image_size=16, patch_size=4, embed_dim=16, num_heads=2, depth=1, out_dim=32,
+                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c.msd.num_local = 0
+    c.msd.teacher_temp_warmup_frac = 0.5
+    c.train.update(batch_size=4, log_every=1, checkpoint_every=4, collapse_min_entropy=0.0,
+                   collapse_max_entropy_frac=1.0, collapse_min_prototypes=33.0, tensorboard=False)
+    logs = []
+    tokens = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    train.train(c, party="server", tokens=tokens, init_params=train.init_student_params(c),
+                ckpt_dir=str(tmp_path / "ckpt"), metrics_path=str(tmp_path / "m.jsonl"),
+                tensorboard_dir=str(tmp_path / "tb"), total_steps=4, log=logs.append)
+    step_lines = [l for l in logs if " step " in l and "/4 loss" in l]
+    assert ["COLLAPSE? prototype collapse" in l for l in step_lines] == [False, False, True, True]
+    rows = train.read_metrics(str(tmp_path / "m.jsonl"))
+    assert all(1.0 <= r["effective_prototypes"] <= 32.0 + 1e-3 for r in rows)
+    warnings = train.read_collapse_warnings(str(tmp_path / "m.jsonl"))
+    assert [(w["step"], w["kind"], w["effective_prototypes"]) for w in warnings] == [
+        (r["step"], "prototypes", r["effective_prototypes"]) for r in rows[2:]]
+    assert not (tmp_path / "tb").exists()   # config.train.tensorboard=False writes no events
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy per site (probes fitted on one site's labels, scored on the pooled test split)
+# ---------------------------------------------------------------------------------------------
+def test_site_accuracy_png(tmp_path):
+    r = lambda a, b: {"knn": {"accuracy": a, "auc": 0.5}, "linear": {"accuracy": b, "auc": 0.5}}  # noqa: E731
+    by_site = {"a": {"num_images": 6, **r(0.9, 0.8)}, "b": {"num_images": 4, **r(0.6, 0.6)}}
+    out = plots.site_accuracy(by_site, r(0.95, 0.9), r(0.5, 0.55), str(tmp_path / "p" / "s.png"), "cls")
+    w_with, _ = check_png(out)
+    w_without, _ = check_png(plots.site_accuracy(by_site, r(0.95, 0.9), None, str(tmp_path / "t.png")))
+    assert w_with > w_without   # one more group of bars
+
+
+def _eval_case(tmp_path):
+    """Two sites (a: both classes, b: class 0 only), a test split of 4 x class 0 + 2 x class 1,
+    a tiny random backbone saved in the work directory."""
+    from msd_jax.config import base_config
+    from msd_jax.data.sites import FederatedData
+    from msd_jax.data.sources import ImageSet
+    from msd_jax.federation import model_io
+    from msd_jax.layout import Workdir
+
+    c = base_config()
+    c.model.update(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
+                   out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
+    c.eval.update(features="cls", knn_k=1, linear_steps=30, batch_size=8)
+    key = jax.random.key(0)
+    rnd = lambda i, n: np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (n, 16, 16, 1)))  # noqa: E731
+
+    def images(i, labels):
+        labels = np.asarray(labels, np.int32)
+        x = 0.15 * rnd(i, len(labels)) + 0.7 * labels[:, None, None, None]  # class 1 is brighter
+        return ImageSet(x.astype(np.float32), labels, ("no", "yes"),
+                        tuple(f"{i}_{j}" for j in range(len(labels))))
+
+    data = FederatedData(sites=[("a", images(1, [0, 1, 0, 1, 0, 1])), ("b", images(2, [0, 0, 0, 0]))],
+                         test=images(3, [0, 0, 1, 0, 1, 0]), proxy=None)
+    cfg = vit.ViTConfig.from_config(c.model)
+    wd = Workdir(str(tmp_path))
+    head = vit.init_head(cfg, jax.random.fold_in(key, 10))
+    body = vit.init_student(cfg, jax.random.fold_in(key, 11))["body"]
+    model_io.save_backbone(wd.backbone, head, body, cfg, protocol="token_upload", seed=0)
+    return c, wd, data, cfg, head, body
+
+
+def test_run_eval_by_site(tmp_path):
+    from msd_jax import parties
+    from msd_jax.eval.features import extract_features
+    c, wd, data, cfg, head, body = _eval_case(tmp_path)
+    report = parties.run_eval(c, wd, data, log=lambda *_: None)
+    by_site = report["eval_by_site"]
+    assert list(by_site) == ["a", "b"]
+    assert [by_site[s]["num_images"] for s in ("a", "b")] == [6, 4]
+    # site b knows only class 0: both of its probes answer 0, right on the 4 of 6 test images
+    assert by_site["b"]["knn"]["accuracy"] == pytest.approx(4 / 6)
+    assert by_site["b"]["linear"]["accuracy"] == pytest.approx(4 / 6)
+    # site a: 1-nearest neighbour by cosine similarity, in float64
+    kw = dict(mean=c.data.mean, std=c.data.std)
+    fa = extract_features(head, body, cfg, data.sites[0][1].images, **kw)["cls"].astype(np.float64)
+    ft = extract_features(head, body, cfg, data.test.images, **kw)["cls"].astype(np.float64)
+    sim = (ft / np.linalg.norm(ft, axis=1, keepdims=True)) @ (fa / np.linalg.norm(fa, axis=1, keepdims=True)).T
+    pred = data.sites[0][1].labels[sim.argmax(1)]
+    assert by_site["a"]["knn"]["accuracy"] == pytest.approx(np.mean(pred == data.test.labels))
+    with open(wd.report) as f:
+        assert json.load(f)["eval_by_site"]["b"]["num_images"] == 4
+    site_png = str(tmp_path / "plots" / "site_accuracy.png")
+    assert site_png in report["plots"]
+    check_png(site_png)
+    # the accuracies also went to TensorBoard
+    from test_tensorboard import read_scalars
+    scalars = read_scalars(wd.tensorboard("eval"))
+    assert scalars["eval/cls/knn_accuracy"][0] == pytest.approx(report["eval"]["knn"]["accuracy"])
+    assert scalars["eval_by_site_cls/b/linear_accuracy"][0] == pytest.approx(4 / 6)
+    assert "eval_random_init/cls/linear_auc" in scalars
+
+
+def test_run_eval_per_site_off(tmp_path):
+    from msd_jax import parties
+    c, wd, data, *_ = _eval_case(tmp_path)
+    c.eval.update(per_site=False, random_init_baseline=False)
+    c.train.tensorboard = False
+    report = parties.run_eval(c, wd, data, log=lambda *_: None)
+    assert "eval_by_site" not in report
+    assert not any(p.endswith("site_accuracy.png") for p in report["plots"])
+    assert not os.path.exists(wd.tensorboard("eval"))

@@ -374,3 +374,56 @@ def test_merge_mode_uses_site_teachers():
     assert np.abs((1 - CM) * t_ema.mean(axis=(1, 2)) - np.asarray(state.center)).max() > 1e-4
     # the site teachers are not trained; the student and its EMA are
     assert any(np.abs(v - flat(s0.params)[k]).max() > 0 for k, v in flat(state.params).items())
+
+
+# ---------------------------------------------------------------------------
+# effective_prototypes: exp(entropy) of the batch-mean teacher distribution (first head)
+# ---------------------------------------------------------------------------
+
+def np_effective_prototypes(teacher_logits, center, temp):
+    """float64: softmax((t - c) / T) of head 0, mean over views and batch, exp(entropy)."""
+    q = np_softmax((np.asarray(teacher_logits, np.float64)[0] - np.asarray(center, np.float64)[0]) / temp)
+    p = q.reshape(-1, q.shape[-1]).mean(0)
+    p = p[p > 0]
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def test_effective_prototypes_hand_built_cases():
+    from msd_jax.msd import loss as loss_lib
+    k, big = 8, 50.0
+    # [H=2, G=2, B=3, K]: head 0 sends every row to prototype 5 (sharply) -> 1 prototype
+    t = np.zeros((2, 2, 3, k), np.float32)
+    t[0, :, :, 5] = big
+    t[1] = np.random.default_rng(0).normal(size=(2, 3, k))    # head 1 is ignored
+    c = np.zeros((2, k), np.float32)
+    got = float(step_lib.effective_prototypes(loss_lib.teacher_probs(jnp.asarray(t), c, 1.0)))
+    assert got == pytest.approx(1.0, abs=1e-6)
+    # rows split evenly between prototypes 1 and 2 -> exactly 2
+    t2 = np.zeros((1, 2, 2, k), np.float32)
+    t2[0, :, 0, 1] = big
+    t2[0, :, 1, 2] = big
+    got = float(step_lib.effective_prototypes(loss_lib.teacher_probs(jnp.asarray(t2), c[:1], 1.0)))
+    assert got == pytest.approx(2.0, abs=1e-6)
+    # uniform rows -> K; each row one-hot but on a different prototype -> also K (no collapse)
+    assert float(step_lib.effective_prototypes(jnp.full((1, 1, 4, k), 1.0 / k))) == pytest.approx(k, rel=1e-6)
+    assert float(step_lib.effective_prototypes(jnp.eye(k)[None, None])) == pytest.approx(k, rel=1e-6)
+    # random logits, a centre and a temperature against the float64 reference
+    rng = np.random.default_rng(1)
+    t3 = rng.normal(size=(2, 2, 5, k)).astype(np.float32)
+    c3 = rng.normal(size=(2, k)).astype(np.float32) * 0.3
+    ref = np_effective_prototypes(t3, c3, 0.3)
+    assert 1.5 < ref < k - 0.5
+    got = float(step_lib.effective_prototypes(loss_lib.teacher_probs(jnp.asarray(t3), jnp.asarray(c3), 0.3)))
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_effective_prototypes_in_step_metrics(three_steps):
+    """The step's metric equals the float64 value from the teacher logits of that step's views."""
+    d = three_steps
+    cfg, sc = d["cfg"], d["sc"]
+    for step in range(2):
+        state = d["states"][step]
+        g_views, _ = views_for(sc, d["key"], step, d["tokens"], d["ids"])
+        t = logits(cfg, state.ema_params, g_views, sc.num_global)
+        ref = np_effective_prototypes(t, np.asarray(state.center), 0.05)
+        assert d["metrics"][step]["effective_prototypes"] == pytest.approx(ref, rel=1e-3)

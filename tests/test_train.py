@@ -106,7 +106,7 @@ def test_full_run_trains_and_checkpoints(runs):
 def test_kill_and_resume_equals_uninterrupted(runs):
     assert int(runs["stopped"].step) == STOP
     assert saved_steps(runs["root"] / "snapshot_at_stop") == [STOP]
-    assert any(f"resumed from" in m and f"step {STOP}/{TOTAL}" in m for m in runs["resume_logs"])
+    assert any("resumed from" in m and f"step {STOP}/{TOTAL}" in m for m in runs["resume_logs"])
     assert int(runs["resumed"].step) == TOTAL
     assert_same_state(runs["resumed"], runs["full"], atol=1e-6)
 

@@ -31,12 +31,13 @@ def train_site(config, wd: Workdir, site: str, log=print) -> int:
     """Site: trains on its own shards from the initial student; writes uploads/<site>/ (the EMA
     teacher, the site's model) and returns the bytes uploaded."""
     model_cfg = vit.ViTConfig.from_config(config.model)
-    _, fingerprint = encrypt.load_head(wd.head, model_cfg)
+    fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
     tokens, _ = shards.load_shards(wd.shards(site), expected_fingerprint=fingerprint)
     template = train.init_student_params(config)
     initial, _ = model_io.load_params(wd.initial, template, model_cfg)
     state = train.train(config, party=site, tokens=tokens, init_params=initial,
                         ckpt_dir=wd.checkpoints(site), metrics_path=wd.metrics(site),
+                        tensorboard_dir=wd.tensorboard(site),
                         total_steps=config.train.site_steps, log=log)
     return model_io.save_params(wd.upload(site), state.ema_params, model_cfg, site=site,
                                 num_images=int(len(tokens)), steps=config.train.site_steps)
@@ -70,7 +71,7 @@ def merge(config, wd: Workdir, log=print):
     """Server: one-shot distillation of the uploaded site models into one student. Returns the
     merged student's EMA parameters {'body', 'heads_0', ...}."""
     model_cfg = vit.ViTConfig.from_config(config.model)
-    _, fingerprint = encrypt.load_head(wd.head, model_cfg)
+    fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
     sites = wd.uploaded_models()
     if not sites:
         raise FileNotFoundError(f"{wd.upload('')}: no site models uploaded (run --mode site at the sites)")
@@ -83,6 +84,7 @@ def merge(config, wd: Workdir, log=print):
         f"{len(tokens)} {config.merge.data} token sets")
     state = train.train(config, party="server_merge", tokens=tokens, init_params=student,
                         ckpt_dir=wd.checkpoints("server_merge"), metrics_path=wd.metrics("server_merge"),
+                        tensorboard_dir=wd.tensorboard("server_merge"),
                         total_steps=config.merge.num_steps, num_heads_out=len(sites),
                         site_params=stacked, log=log)
     return state.ema_params

@@ -24,10 +24,11 @@ def load_uploaded_tokens(wd: Workdir, fingerprint: str, sites: list[str]) -> np.
 def train_server(config, wd: Workdir, log=print):
     """Returns the trained teacher's parameters {'body', 'heads_0'}."""
     model_cfg = vit.ViTConfig.from_config(config.model)
-    _, fingerprint = encrypt.load_head(wd.head, model_cfg)
+    fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
     tokens = load_uploaded_tokens(wd, fingerprint, wd.uploaded_sites())
     state = train.train(config, party="server", tokens=tokens,
                         init_params=train.init_student_params(config),
                         ckpt_dir=wd.checkpoints("server"), metrics_path=wd.metrics("server"),
+                        tensorboard_dir=wd.tensorboard("server"),
                         total_steps=config.train.num_steps, log=log)
     return state.ema_params

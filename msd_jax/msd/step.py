@@ -131,6 +131,41 @@ def schedule_values(sc: StepConfig, step) -> dict:
     )
 
 
+def optimizer_update(sc: StepConfig, hp: dict, state: TrainState, grads):
+    """DINO's update of `state.params` (any pytree): last layer frozen while
+    step < freeze_last_layer_steps, per-tensor clipping, Adam, decoupled weight decay (AdamW) on
+    the decayed parameters only, at `hp`'s lr and weight decay. Returns (params, opt_state,
+    grad_norm). Shared with the baselines (msd_jax/baselines)."""
+    frozen = state.step < sc.freeze_last_layer_steps
+    # DINO drops the last layer's gradient while it is frozen: its Adam moments see zeros.
+    grads = jax.tree_util.tree_map_with_path(
+        lambda path, g: jnp.where(frozen, 0.0, g) if _is_last_layer(path) else g, grads)
+    grads = clip_per_tensor(grads, sc.clip_grad)
+    grad_norm = optax.tree.norm(grads)
+    adam_updates, opt_state = _adam(sc).update(grads, state.opt_state, state.params)
+
+    def apply_update(path, p, u):  # decoupled weight decay as in AdamW: p -= lr (u + wd p)
+        wd = hp["weight_decay"] if vit.is_decay_param(path) else 0.0
+        new = p - hp["lr"] * (u + wd * p)
+        return jnp.where(frozen, p, new) if _is_last_layer(path) else new
+
+    params = jax.tree_util.tree_map_with_path(apply_update, state.params, adam_updates)
+    return params, opt_state, grad_norm
+
+
+def ema_update(ema_params, params, momentum):
+    """Teacher EMA: e <- m e + (1 - m) p."""
+    return jax.tree_util.tree_map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema_params, params)
+
+
+def effective_prototypes(t_probs: jax.Array) -> jax.Array:
+    """exp(entropy) of the batch-mean teacher distribution of the first head (t_probs [H, G, B, K]):
+    how many prototypes the batch uses. ~1 when every image goes to the same prototype, even when
+    each image's own distribution is not one-hot (a collapse the per-image entropy cannot see)."""
+    mean = jnp.mean(t_probs[0].reshape(-1, t_probs.shape[-1]).astype(jnp.float32), axis=0)
+    return jnp.exp(-jnp.sum(mean * jnp.log(jnp.clip(mean, 1e-12))))
+
+
 def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int = 1,
                     merge: bool = False) -> Callable:
     """Returns the un-jitted step(state, tokens, example_ids, key[, site_params]) -> (state, metrics).
@@ -141,7 +176,6 @@ def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int
     """
     student = vit.Student(model_cfg, num_heads_out)
     site_model = vit.Student(model_cfg, 1)
-    adam = _adam(sc)
 
     def split_views(logits, num_views):  # [H, V*B, K] -> [H, V, B, K]
         h, vb, k = logits.shape
@@ -168,28 +202,15 @@ def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int
             return loss, probs
 
         (loss, t_probs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        frozen = state.step < sc.freeze_last_layer_steps
-        # DINO drops the last layer's gradient while it is frozen: its Adam moments see zeros.
-        grads = jax.tree_util.tree_map_with_path(
-            lambda path, g: jnp.where(frozen, 0.0, g) if _is_last_layer(path) else g, grads)
-        grads = clip_per_tensor(grads, sc.clip_grad)
-        grad_norm = optax.tree.norm(grads)
-        adam_updates, opt_state = adam.update(grads, state.opt_state, state.params)
-
-        def apply_update(path, p, u):  # decoupled weight decay as in AdamW: p -= lr (u + wd p)
-            wd = hp["weight_decay"] if vit.is_decay_param(path) else 0.0
-            new = p - hp["lr"] * (u + wd * p)
-            return jnp.where(frozen, p, new) if _is_last_layer(path) else new
-
-        params = jax.tree_util.tree_map_with_path(apply_update, state.params, adam_updates)
-        m = hp["momentum"]
-        ema = jax.tree_util.tree_map(lambda e, p: m * e + (1.0 - m) * p, state.ema_params, params)
+        params, opt_state, grad_norm = optimizer_update(sc, hp, state, grads)
+        ema = ema_update(state.ema_params, params, hp["momentum"])
         center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
                                opt_state=opt_state, center=center)
         # param_norm turns inf/nan as soon as an update diverges, so the loop's finiteness check
         # never keeps a diverged state as the "last good" checkpoint.
         metrics = dict(loss=loss, teacher_entropy=loss_lib.mean_entropy(t_probs),
+                       effective_prototypes=effective_prototypes(t_probs),
                        grad_norm=grad_norm, param_norm=optax.tree.norm(params), **hp)
         return new_state, metrics
 
@@ -207,7 +228,25 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, merge: bool = False) -> Callab
     batch = NamedSharding(mesh, P("data"))
     in_shardings = (replicated, batch, batch, replicated) + ((replicated,) if merge else ())
     return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=compiler_options(mesh))
+
+
+def compiler_options(mesh: Mesh) -> Optional[dict]:
+    """XLA options for the step. On CPU, the memory-minimising scheduler: the demo step's temporary
+    buffer shrinks from 1003 to 852 MB at equal speed (benchmarks/NOTES.md)."""
+    if mesh.devices.flat[0].platform == "cpu":
+        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return None
+
+
+def release_host_memory() -> None:
+    """Return the host heap that XLA's compiler freed to the OS (glibc keeps it otherwise: ~300 MB
+    of RSS after compiling the demo step). Call after the step's first (compiling) call."""
+    try:
+        import ctypes  # noqa: PLC0415
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def shard_batch(mesh: Mesh, *arrays):

@@ -1,0 +1,175 @@
+"""Centralized (privacy-free) self-supervised baselines on pooled raw images.
+
+Both train the patch embedding jointly with the body (no encryption is needed when the data is
+pooled), with the project's MSD step machinery: the same DINO loss and centre (msd/loss.py), the
+same schedules and optimizer (msd/step.py `schedule_values`, `optimizer_update`, `ema_update`:
+AdamW with DINO's per-tensor clipping, weight-decay and teacher-momentum cosines, teacher-temperature
+warm-up, last layer frozen for config.optim.freeze_last_layer_epochs), the same initial weights as
+the pipeline (head from party_key(seed, 'head'), student from party_key(seed, 'init')), batch
+config.train.batch_size, jit over the device mesh with the batch sharded on 'data'.
+
+- `train_pixel_dino`: DINO with pixel multi-crop views (baselines/pixel_views.py): config.msd.num_global
+  global crops at image_size and config.msd.num_local local crops at config.baselines.local_size per
+  image, so the student sees as many views per image per step as in token MSD.
+- `train_centralized_msd`: MSD with the project's token views (msd/views.py) of the unpermuted
+  tokens of the trainable head.
+
+The position embedding stays the fixed one of the head (config.model.pos_embed). Local crops at the
+smaller size use that embedding resized to their grid (bicubic, half-pixel centres), as DINO's
+`interpolate_pos_encoding`: a local crop is a full-field view at a lower resolution, so its tokens
+keep positions spanning the whole grid; this works the same for 'sincos' and 'random' embeddings
+and leaves the embedding fixed. (The sincos table of the small grid would instead give every local
+crop the positions of the image's top-left corner.)
+
+The returned model is the teacher (EMA): {"head": {"patch_embed", "pos_embed"}, "body"}, the layout
+of the pipeline's backbone, so msd_jax.eval applies to it unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from msd_jax import train as train_lib
+from msd_jax.baselines import loop
+from msd_jax.baselines import pixel_views as pv_lib
+from msd_jax.models import vit
+from msd_jax.msd import loss as loss_lib
+from msd_jax.msd import step as step_lib
+from msd_jax.msd import views as views_lib
+
+
+def resized_pos_embed(pos: jax.Array, grid: int, new_grid: int) -> jax.Array:
+    """[1, grid*grid, D] -> [1, new_grid*new_grid, D], bicubic (no antialias, as torch's
+    F.interpolate in DINO); the identity when new_grid == grid."""
+    if new_grid == grid:
+        return pos
+    d = pos.shape[-1]
+    x = jax.image.resize(pos.reshape(grid, grid, d).astype(jnp.float32), (new_grid, new_grid, d),
+                         method="bicubic", antialias=False)
+    return x.reshape(1, new_grid * new_grid, d)
+
+
+def embed(model_cfg: vit.ViTConfig, patch_embed, pos_embed, images, mean: float, std: float):
+    """Raw images [B, S, S, C] in [0, 1] (S any multiple of the patch) -> tokens [B, (S/p)^2, D]
+    through PatchHead with the fixed position embedding resized to the grid of S."""
+    size = images.shape[1]
+    cfg = dataclasses.replace(model_cfg, image_size=size)
+    pos = resized_pos_embed(jax.lax.stop_gradient(pos_embed), model_cfg.grid, cfg.grid)
+    x = (images - mean) / std  # encrypt.normalize
+    return vit.PatchHead(cfg).apply({"params": {"patch_embed": patch_embed, "pos_embed": pos}}, x)
+
+
+def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, *, mean: float,
+                  std: float, pixel: Optional[pv_lib.PixelViewConfig]) -> Callable:
+    """step(state, images, example_ids, key) -> (state, metrics) with state.params =
+    {"patch_embed", "student": {"body", "heads_0"}}. `pixel`: pixel multi-crop views; None: token
+    views (msd/views.py) of the unpermuted tokens."""
+    student = vit.Student(model_cfg, 1)
+    pos_embed = jnp.asarray(pos_embed)
+
+    def split_views(logits, num_views):  # [H, V*B, K] -> [H, V, B, K]
+        h, vb, k = logits.shape
+        return logits.reshape(h, num_views, vb // num_views, k)
+
+    def step_fn(state: step_lib.TrainState, images, example_ids, key):
+        hp = step_lib.schedule_values(sc, state.step)
+        step_key = jax.random.fold_in(key, state.step)
+        if pixel is not None:
+            g_imgs, l_imgs = pv_lib.make_pixel_views(step_key, images, example_ids, pixel)
+
+            def views(params):
+                g = embed(model_cfg, params["patch_embed"], pos_embed, g_imgs, mean, std)
+                l = None if l_imgs is None else embed(model_cfg, params["patch_embed"], pos_embed,
+                                                      l_imgs, mean, std)
+                return g, l
+        else:
+            def views(params):
+                tokens = embed(model_cfg, params["patch_embed"], pos_embed, images, mean, std)
+                return views_lib.make_views(step_key, tokens, example_ids, sc.num_global,
+                                            sc.size_global, sc.num_local, sc.size_local)
+
+        t_g, _ = views(state.ema_params)
+        t_logits = student.apply({"params": state.ema_params["student"]}, t_g)
+        t_logits = jax.lax.stop_gradient(split_views(t_logits, sc.num_global))
+
+        def loss_fn(params):
+            g, l = views(params)
+            s_logits = split_views(student.apply({"params": params["student"]}, g), sc.num_global)
+            if l is not None:
+                s_local = split_views(student.apply({"params": params["student"]}, l), sc.num_local)
+                s_logits = jnp.concatenate([s_logits, s_local], axis=1)
+            return loss_lib.dino_loss(s_logits, t_logits, state.center, sc.student_temp,
+                                      hp["teacher_temp"])
+
+        (loss, t_probs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        params, opt_state, grad_norm = step_lib.optimizer_update(sc, hp, state, grads)
+        ema = step_lib.ema_update(state.ema_params, params, hp["momentum"])
+        center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
+        new_state = step_lib.TrainState(step=state.step + 1, params=params, ema_params=ema,
+                                        opt_state=opt_state, center=center)
+        metrics = dict(loss=loss, teacher_entropy=loss_lib.mean_entropy(t_probs),
+                       effective_prototypes=step_lib.effective_prototypes(t_probs),
+                       grad_norm=grad_norm, param_norm=optax.tree.norm(params), **hp)
+        return new_state, metrics
+
+    return step_fn
+
+
+def initial_params(config, model_cfg: vit.ViTConfig):
+    """The pipeline's initial head (party 'head') and student (party 'init'): (trainable params,
+    fixed position embedding)."""
+    head = jax.device_get(vit.init_head(model_cfg, train_lib.party_key(config.seed, "head")))
+    student = jax.device_get(vit.init_student(model_cfg, train_lib.party_key(config.seed, "init")))
+    return {"patch_embed": head["patch_embed"], "student": student}, np.asarray(head["pos_embed"])
+
+
+def _train_ssl(config, images, *, total_steps: int, party: str, pixel: bool,
+               ckpt_dir: Optional[str], metrics_path: Optional[str], log) -> dict:
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    images = loop.check_images(images, model_cfg)
+    if total_steps < 1:
+        raise ValueError(f"total_steps: expected >= 1, got {total_steps}")
+    mesh = step_lib.make_mesh()
+    batch = train_lib.batch_size_for(config.train.batch_size, len(images), mesh.devices.size)
+    order = train_lib.BatchOrder(jax.random.fold_in(train_lib.party_key(config.seed, party), 1),
+                                 len(images), batch)
+    sc = step_lib.StepConfig.from_config(config, model_cfg.num_patches, total_steps,
+                                         order.steps_per_epoch, batch)
+    pc = pv_lib.PixelViewConfig.from_config(config) if pixel else None
+    params, pos = initial_params(config, model_cfg)
+    state = step_lib.init_state(params, 1, model_cfg.out_dim, sc)
+    step_fn = step_lib.jit_train_step(
+        make_ssl_step(model_cfg, sc, pos, mean=config.data.mean, std=config.data.std, pixel=pc), mesh)
+    if pixel:
+        describe = (f", pixel views {sc.num_global}x{pc.global_size}px + {sc.num_local}x"
+                    f"{pc.local_size}px crops")
+    else:
+        describe = f", token views {sc.num_global}x{sc.size_global} + {sc.num_local}x{sc.size_local} tokens"
+    state = loop.run(config, party=party, state=state, step_fn=step_fn, arrays=(images,), order=order,
+                     mesh=mesh, key=train_lib.party_key(config.seed, party), total_steps=total_steps,
+                     batch=batch, ckpt_dir=ckpt_dir, metrics_path=metrics_path, log=log,
+                     describe=describe, meta={"model": model_cfg.to_dict()})
+    teacher = state.ema_params
+    return {"head": {"patch_embed": teacher["patch_embed"], "pos_embed": pos[...]},
+            "body": teacher["student"]["body"]}
+
+
+def train_pixel_dino(config, images, *, total_steps: int, ckpt_dir: Optional[str] = None,
+                     metrics_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Centralized DINO with pixel multi-crop views on the pooled raw images [N, H, W, C] in [0, 1].
+    Returns the teacher {"head": {"patch_embed", "pos_embed"}, "body"}."""
+    return _train_ssl(config, images, total_steps=total_steps, party="central_pixel_dino", pixel=True,
+                      ckpt_dir=ckpt_dir, metrics_path=metrics_path, log=log)
+
+
+def train_centralized_msd(config, images, *, total_steps: int, ckpt_dir: Optional[str] = None,
+                          metrics_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Centralized MSD: token views of the unpermuted tokens, patch embedding trained jointly.
+    Returns the teacher {"head": {"patch_embed", "pos_embed"}, "body"}."""
+    return _train_ssl(config, images, total_steps=total_steps, party="central_msd", pixel=False,
+                      ckpt_dir=ckpt_dir, metrics_path=metrics_path, log=log)

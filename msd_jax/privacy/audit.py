@@ -1,0 +1,304 @@
+"""The privacy audit: every attack (msd_jax/privacy/attacks.py) against every encryption mode
+(config.audit.modes), plus each mode's downstream cost, in one command:
+
+  python -m msd_jax.main --config configs/audit.py --workdir DIR
+
+For each mode the project's pipeline runs into DIR/modes/<mode>/ (parties.run_encrypt, run_server,
+run_eval: linear-probe accuracy of a backbone trained in that mode), then the attacks run on the
+shards the server received. Writes DIR/audit.json, DIR/audit.md (the table) and DIR/audit.png
+(originals, and per mode the best reconstruction). See docs/privacy.md for the threat model.
+
+Attacker knowledge, per attack:
+  known_head      the public head (head/head.msgpack) and a public look-alike image set (the
+                  server's proxy split of Br35H, disjoint from the sites' and the test images);
+                  in a secret_head mode the sites' head is withheld, so the attacker uses its best
+                  guess: the head the server would have published (same seed, 'head' party key).
+  learned         no head; the look-alike set encrypted with the mode's transform under the
+                  attacker's own key (the public head where the mode has one), positions known.
+  clustering      nothing but the received tokens (the scoring uses the true positions).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from msd_jax import encrypt, parties, shards, train
+from msd_jax.data import sites as sites_lib
+from msd_jax.layout import Workdir
+from msd_jax.models import vit
+from msd_jax.privacy import attacks
+from msd_jax.privacy import modes as modes_lib
+
+ATTACKS = ("known_head", "learned", "clustering")
+ATTACKER_KEY_TAG = 0xA77AC3
+
+
+def _mode_config(config, mode: str):
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.job = "pipeline"
+        c.encrypt.mode = mode
+    return c
+
+
+def _attack_set(cfg, wd: Workdir, data, model_cfg, limit: int):
+    """What the server received from the first `limit` site images, with the ground truth to score
+    against: (tokens [N, k, D] float32, true positions [N, k], original images [N, H, W, C])."""
+    e = cfg.encrypt
+    keep = modes_lib.upload_keep_ratio(e)
+    head, _ = encrypt.site_head(cfg, wd.root)
+    toks, poss, imgs = [], [], []
+    left = limit
+    for name, site in data.sites:
+        if left <= 0:
+            break
+        m = min(left, len(site))
+        stored, manifest = shards.load_shards(wd.shards(name))
+        got = np.asarray(stored[:m], np.float32)
+        pos = encrypt.token_positions(encrypt.site_key(e.key_source, cfg.seed, name), m,
+                                      model_cfg.num_patches, keep)
+        # the ground truth must describe these very tokens: recompute two images' tokens from the
+        # site's head and the positions, in the shard dtype, and compare
+        plain = np.asarray(encrypt.plain_tokens(head, model_cfg, site.images[:2], cfg.data.mean, cfg.data.std))
+        want = np.take_along_axis(plain, pos[:2, :, None], axis=1)
+        want = np.asarray(want.astype(shards.DTYPES[manifest["dtype"]]), np.float32)
+        if not np.array_equal(want, got[:2]):
+            raise RuntimeError(f"{wd.shards(name)}: the shards do not match a re-encryption of their "
+                               "first images (the audit needs config.encrypt.key_source='seed')")
+        toks.append(got)
+        poss.append(pos)
+        imgs.append(site.images[:m])
+        left -= m
+    return np.concatenate(toks), np.concatenate(poss), np.concatenate(imgs)
+
+
+def _attacker_heads(cfg, wd: Workdir, model_cfg, mode: str):
+    """(the head the known-head attacker uses, its description, the attacker's transform for the
+    learned attack)."""
+    public_key = train.party_key(cfg.seed, "head")
+    if os.path.isfile(os.path.join(wd.head, encrypt.HEAD_FILE)):
+        public, _ = encrypt.load_head(wd.head, model_cfg)
+        what = "the public head (head/head.msgpack)"
+    else:
+        public = jax.device_get(vit.init_head(model_cfg, public_key))
+        what = "a guess: the head the server would publish (the sites' head is secret)"
+    attacker_key = jax.random.fold_in(jax.random.key(cfg.seed), ATTACKER_KEY_TAG)
+    own = encrypt.transform_head(mode, model_cfg, public, attacker_key)
+    return public, what, own
+
+
+def _canon(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _reusable_report(cfg, wd: Workdir):
+    """A finished pipeline run of this very config in wd (report.json, backbone and shards), or None."""
+    if not os.path.isfile(wd.report) or not os.path.isdir(wd.backbone):
+        return None
+    with open(wd.report) as f:
+        report = json.load(f)
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in ("audit", "job")}
+    theirs = {k: v for k, v in report.get("config", {}).items() if k not in ("audit", "job")}
+    return report if _canon(json.loads(_canon(mine))) == _canon(theirs) else None
+
+
+def attack_mode(cfg, wd: Workdir, data, public_images: np.ndarray, log=print) -> tuple[dict, dict]:
+    """Runs every attack on one mode's shards. Returns ({attack: numbers}, {attack: images})."""
+    a = cfg.audit
+    mode = modes_lib.canonical(cfg.encrypt.mode)
+    model_cfg = vit.ViTConfig.from_config(cfg.model)
+    tokens, positions, originals = _attack_set(cfg, wd, data, model_cfg, a.attack_images)
+    p, mean, std = model_cfg.patch_size, cfg.data.mean, cfg.data.std
+    public, what, own = _attacker_heads(cfg, wd, model_cfg, mode)
+    out, recon = {}, {}
+    t0 = time.perf_counter()
+    r = attacks.known_head_attack(tokens, public, public_images, patch_size=p, mean=mean, std=std,
+                                  ridge=a.ridge, noise_var=a.noise_var)
+    out["known_head"] = {**attacks.score(r, positions, originals, model_cfg.num_patches),
+                         "attacker_head": what}
+    recon["known_head"] = r.images
+    own_tokens = np.asarray(encrypt.plain_tokens(own, model_cfg, public_images, mean, std))
+    r = attacks.learned_attack(tokens, own_tokens, public_images, patch_size=p, mean=mean, std=std,
+                               ridge=a.ridge)
+    out["learned"] = {**attacks.score(r, positions, originals, model_cfg.num_patches),
+                      "attacker_data": f"{len(public_images)} look-alike images encrypted with the "
+                                       "mode's transform under the attacker's key"}
+    recon["learned"] = r.images
+    r = attacks.cluster_attack(tokens, positions, num_patches=model_cfg.num_patches,
+                               patch_dim=model_cfg.patch_dim,
+                               key=jax.random.fold_in(jax.random.key(cfg.seed), 0xC1057), iters=a.kmeans_iters)
+    out["clustering"] = attacks.score(r, positions, originals, model_cfg.num_patches)
+    log(f"[audit] {mode}: attacks on {len(tokens)} images x {tokens.shape[1]} tokens in "
+        f"{time.perf_counter() - t0:.1f}s: " + ", ".join(
+            f"{k} pos {v['position_accuracy']:.3f}" + (f" psnr {v['psnr_db']:.1f}" if v['psnr_db'] is not None else "")
+            for k, v in out.items()))
+    return out, {"originals": originals, **recon}
+
+
+def recommend(results: dict, baseline_psnr: float, a) -> tuple:
+    """(recommended mode or None, note, {mode: [reasons it fails the rule]})."""
+    paper = results.get("paper", {}).get("linear_accuracy")
+    failures = {}
+    for mode, r in results.items():
+        why = []
+        for name, v in r["attacks"].items():
+            if v["position_accuracy"] > a.chance_factor * v["chance"]:
+                why.append(f"{name}: position accuracy {v['position_accuracy']:.3f} > "
+                           f"{a.chance_factor:g} x chance {v['chance']:.4f}")
+            if v["psnr_db"] is not None and v["psnr_db"] > baseline_psnr + a.psnr_margin_db:
+                why.append(f"{name}: PSNR {v['psnr_db']:.2f} dB > mean-image guess {baseline_psnr:.2f} dB"
+                           + (f" + {a.psnr_margin_db:g}" if a.psnr_margin_db else ""))
+        if paper is not None and r["linear_accuracy"] < paper - a.max_accuracy_drop:
+            why.append(f"linear accuracy {r['linear_accuracy']:.3f} < paper {paper:.3f} - "
+                       f"{a.max_accuracy_drop:g}")
+        failures[mode] = why
+    ok = [m for m in results if not failures[m]]
+    if ok:
+        best = max(ok, key=lambda m: results[m]["linear_accuracy"])
+        return best, (f"{best}: every attack near chance (position accuracy <= {a.chance_factor:g} x "
+                      f"chance, PSNR <= mean-image guess) at a linear-probe cost <= "
+                      f"{a.max_accuracy_drop:g} against paper"), failures
+    closest = min(results, key=lambda m: len(failures[m]))
+    return None, ("no mode meets the rule (every attack near chance at a linear-probe cost <= "
+                  f"{a.max_accuracy_drop:g} against paper); closest: {closest}, which fails on: "
+                  + "; ".join(failures[closest])), failures
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def table_md(report: dict) -> str:
+    lines = ["| mode | linear acc | vs paper | kNN acc | attack | position acc | chance | PSNR (dB) | SSIM |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    paper = report["modes"].get("paper", {}).get("linear_accuracy")
+    for mode, r in report["modes"].items():
+        first = True
+        for name, v in r["attacks"].items():
+            delta = None if paper is None else r["linear_accuracy"] - paper
+            cells = [mode, _fmt(r["linear_accuracy"]), _fmt(delta, "+.3f"), _fmt(r.get("knn_accuracy"))] \
+                if first else ["", "", "", ""]
+            lines.append("| " + " | ".join(cells + [name, _fmt(v["position_accuracy"]), _fmt(v["chance"], ".4f"),
+                                                    _fmt(v["psnr_db"], ".2f"), _fmt(v["ssim"])]) + " |")
+            first = False
+    b = report["mean_image_baseline"]
+    lines += ["", f"No tokens (the public mean image for every image): PSNR {b['psnr_db']:.2f} dB, "
+                  f"SSIM {b['ssim']:.3f}.",
+              f"Recommended: **{report['recommended']}**. {report['recommendation_note']}",
+              f"Attacked: {report['attacked_images']} site images per mode; look-alike set: "
+              f"{report['public_images']} images; wall time {report['wall_time_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(path: str, images: dict, labels: dict, num: int) -> str:
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = ["original"] + list(labels)
+    num = min(num, len(images["original"]))
+    fig, axes = plt.subplots(len(rows), num, figsize=(1.3 * num + 1.6, 1.3 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(num):
+            ax = axes[i, j]
+            img = images[row][j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(labels.get(row, row), fontsize=6, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_audit(config, workdir: str, log=print) -> dict:
+    t_start = time.perf_counter()
+    if "audit" not in config:
+        raise ValueError("config.audit: missing (start the config from msd_jax.config.base_config())")
+    a = config.audit
+    modes = [modes_lib.canonical(m.strip()) for m in a.modes.split(",") if m.strip()]
+    if "paper" not in modes:
+        raise ValueError(f"config.audit.modes: expected 'paper' among {modes} (the reference for "
+                         "the downstream cost)")
+    if config.encrypt.key_source != "seed":
+        raise ValueError("config.encrypt.key_source: the audit needs 'seed' (it recomputes every "
+                         "token's true position to score the attacks)")
+    os.makedirs(workdir, exist_ok=True)
+    data = sites_lib.load(config)
+    if data.proxy is None or len(data.proxy) == 0:
+        raise ValueError("config.data.proxy_fraction: the audit's attacker needs a look-alike set "
+                         "(the server's proxy split); expected > 0")
+    public = data.proxy.images[:a.public_images] if a.public_images else data.proxy.images
+    results, figures = {}, {}
+    baseline = None
+    for mode in modes:
+        cfg = _mode_config(config, mode)
+        wd = Workdir(os.path.join(workdir, "modes", mode))
+        log(f"[audit] === mode {mode} ===")
+        t0 = time.perf_counter()
+        report = _reusable_report(cfg, wd) if a.reuse else None
+        if report is None:
+            parties.run_encrypt(cfg, wd, data, log=log)
+            if cfg.protocol == "model_upload":
+                parties.run_sites(cfg, wd, wd.uploaded_sites(), log=log)
+            parties.run_server(cfg, wd, log=log)
+            report = parties.run_eval(cfg, wd, data, log=log)
+        else:
+            log(f"[audit] {mode}: reusing {wd.report} (same config; config.audit.reuse=True)")
+        t_pipe = time.perf_counter() - t0
+        att, imgs = attack_mode(cfg, wd, data, public, log=log)
+        if baseline is None:
+            baseline = attacks.mean_image_baseline(imgs["originals"], public)
+            figures["original"] = imgs["originals"][:a.num_figure_images]
+        with_images = [k for k in att if att[k]["psnr_db"] is not None]
+        best = max(with_images, key=lambda k: att[k]["psnr_db"])
+        figures[mode] = imgs[best][:a.num_figure_images]
+        results[mode] = {
+            "linear_accuracy": float(report["eval"]["linear"]["accuracy"]),
+            "knn_accuracy": float(report["eval"]["knn"]["accuracy"]),
+            "linear_auc": float(report["eval"]["linear"]["auc"]),
+            "attacks": att,
+            "figure_attack": best,
+            "tokens_per_image": int(shards.read_manifest(wd.shards(data.sites[0][0]))["tokens_per_image"]),
+            "pipeline_seconds": round(t_pipe, 1),
+            "pipeline_timing_s": report.get("timing_s", {}),
+        }
+    rec, note, failures = recommend(results, baseline["psnr_db"], a)
+    for m in results:
+        results[m]["rule_failures"] = failures[m]
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    out = {
+        "modes": results,
+        "recommended": rec,
+        "recommendation_note": note,
+        "mean_image_psnr_db": baseline["psnr_db"],
+        "mean_image_baseline": baseline,
+        "rule": {"chance_factor": a.chance_factor, "psnr_margin_db": a.psnr_margin_db,
+                 "max_accuracy_drop": a.max_accuracy_drop, "reference": "paper"},
+        "attacked_images": int(min(a.attack_images, sum(len(s) for _, s in data.sites))),
+        "public_images": int(len(public)),
+        "num_patches": model_cfg.num_patches, "patch_dim": model_cfg.patch_dim,
+        "embed_dim": model_cfg.embed_dim,
+        "protocol": config.protocol,
+        "config": config.to_dict(),
+    }
+    out["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    with open(os.path.join(workdir, "audit.md"), "w") as f:
+        f.write(table_md(out))
+    labels = {m: f"{m}\n({results[m]['figure_attack']})" for m in results}
+    try:
+        out["figure"] = figure(os.path.join(workdir, "audit.png"), figures, labels, a.num_figure_images)
+    except Exception as e:  # noqa: BLE001 (the numbers must survive a plotting failure)
+        log(f"[audit] figure not drawn: {type(e).__name__}: {e}")
+    with open(os.path.join(workdir, "audit.json.tmp"), "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    os.replace(os.path.join(workdir, "audit.json.tmp"), os.path.join(workdir, "audit.json"))
+    log(table_md(out))
+    log(os.path.join(workdir, "audit.json"))
+    return out

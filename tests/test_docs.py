@@ -1,0 +1,198 @@
+"""The documentation stays true to the code: every config key is documented with its default, every
+relative link resolves, every `--config.KEY=` a document uses exists in the config it is used with."""
+import ast
+import glob
+import importlib.util
+import json
+import os
+import re
+
+import ml_collections
+import pytest
+
+from msd_jax import config as config_lib
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+DOCS = os.path.join(REPO, "docs")
+CONFIG_MD = os.path.join(DOCS, "config.md")
+MARKDOWN = sorted(glob.glob(os.path.join(DOCS, "*.md"))) + [os.path.join(REPO, "README.md")]
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+OVERRIDE = re.compile(r"--config\.([A-Za-z_][\w.]*)=")
+CONFIG_FILE = re.compile(r"--config[ =]([\w./-]+\.py(?::\w+)?)")
+
+
+def walk(cfg: ml_collections.ConfigDict, prefix=""):
+    """(dotted key, default) of every leaf of a nested ConfigDict."""
+    for k in cfg.keys():
+        v = cfg[k]
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _rel(path):
+    return os.path.relpath(path, REPO)
+
+
+def test_walk_finds_nested_keys():
+    keys = dict(walk(config_lib.base_config()))
+    assert keys["seed"] == 0 and keys["model.patch_size"] == 8 and "train.batch_size" in keys
+    assert not any(isinstance(v, ml_collections.ConfigDict) for v in keys.values())
+
+
+def _config_rows(text):
+    """{key: cells} of the table rows of config.md whose first cell is a `key`."""
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\|\s*`([^`]+)`\s*\|", line)
+        if m:
+            rows[m.group(1)] = [c.strip() for c in line.strip().strip("|").split("|")]
+    return rows
+
+
+def _same(cell, default):
+    cell = cell.replace("`", "").strip()
+    try:
+        value = ast.literal_eval(cell)
+    except (ValueError, SyntaxError):
+        return None  # not a literal: the caller looks for the default in the row
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value is default
+    if isinstance(default, (int, float)) and isinstance(value, (int, float)):
+        return abs(value - default) <= 1e-12 * max(1.0, abs(default))
+    return value == default
+
+
+def test_every_config_key_is_documented_with_its_default():
+    text = _read(CONFIG_MD)
+    rows = _config_rows(text)
+    missing, wrong = [], []
+    for key, default in walk(config_lib.base_config()):
+        if key not in rows:
+            missing.append(key)
+            continue
+        cells = rows[key]
+        same = _same(cells[1], default) if len(cells) > 1 else False
+        if same is None:
+            same = str(default) in " ".join(cells)
+        if not same:
+            wrong.append(f"{key}: documented {cells[1] if len(cells) > 1 else None!r}, default {default!r}")
+    assert not missing, (f"{_rel(CONFIG_MD)}: no table row `| \\`KEY\\` | default | meaning |` for "
+                         f"config key(s) {missing} of msd_jax/config.py base_config()")
+    assert not wrong, f"{_rel(CONFIG_MD)}: documented default differs from base_config(): {wrong}"
+
+
+def test_config_md_documents_no_removed_keys():
+    keys = {k for k, _ in walk(config_lib.base_config())}
+    extra = sorted(k for k in _config_rows(_read(CONFIG_MD)) if k not in keys)
+    assert not extra, f"{_rel(CONFIG_MD)}: rows for keys not in base_config(): {extra}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    s = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return s.replace(" ", "-")
+
+
+def _anchors(path):
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*$", _read(path), re.M)}
+
+
+def _links(path):
+    text = re.sub(r"```.*?```", "", _read(path), flags=re.S)  # code blocks hold no links
+    return [m.group(1) for m in LINK.finditer(text)]
+
+
+@pytest.mark.parametrize("md", MARKDOWN, ids=_rel)
+def test_relative_links_resolve(md):
+    bad = []
+    for target in _links(md):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        dest = os.path.normpath(os.path.join(os.path.dirname(md), path)) if path else md
+        if not os.path.exists(dest):
+            bad.append(f"{target} (no file {_rel(dest)})")
+        elif anchor and dest.endswith(".md") and anchor not in _anchors(dest):
+            bad.append(f"{target} (no heading with anchor #{anchor} in {_rel(dest)})")
+    assert not bad, f"{_rel(md)}: broken relative link(s): {bad}"
+
+
+def test_docs_index_links_every_page():
+    linked = {os.path.normpath(os.path.join(DOCS, t.partition("#")[0]))
+              for t in _links(os.path.join(DOCS, "README.md"))}
+    pages = set(glob.glob(os.path.join(DOCS, "*.md"))) - {os.path.join(DOCS, "README.md")}
+    expected = {os.path.join(DOCS, p) for p in ("method.md", "hospitals.md", "config.md",
+                                               "troubleshooting.md", "privacy.md", "export.md")}
+    assert not (pages | expected) - linked, f"docs/README.md does not link {sorted(map(_rel, (pages | expected) - linked))}"
+
+
+def _load_config(file_arg):
+    """get_config() of a config file of the repository, or None for a user's file (my_config.py)."""
+    name, _, arg = file_arg.partition(":")
+    path = os.path.join(REPO, name)
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location(f"_doc_cfg_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def _commands(text):
+    """Shell lines with backslash continuations joined."""
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+def _has_key(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return not isinstance(node, ml_collections.ConfigDict)
+
+
+def _documents():
+    for md in MARKDOWN:
+        yield _rel(md), _read(md)
+    for nb in NOTEBOOKS:
+        cells = json.loads(_read(nb))["cells"]
+        yield _rel(nb), "\n".join("".join(c["source"]) for c in cells)
+
+
+def test_config_overrides_in_docs_exist():
+    base = config_lib.base_config()
+    used, bad = 0, []
+    for name, text in _documents():
+        for line in _commands(text):
+            keys = OVERRIDE.findall(line)
+            if not keys:
+                continue
+            m = CONFIG_FILE.search(line)
+            cfg = (_load_config(m.group(1)) if m else None) or base
+            for key in keys:
+                if key == "section.key":  # the placeholder of "--config.section.key=value"
+                    continue
+                used += 1
+                if not _has_key(cfg, key):
+                    bad.append(f"{name}: --config.{key}= ({line.strip()[:100]})")
+    assert used >= 10, f"only {used} --config.KEY= overrides found in the docs: the scan is broken"
+    assert not bad, f"override(s) of config keys that do not exist: {bad}"
+
+
+def test_override_scan_catches_a_wrong_key():
+    """The scan itself: a made-up key is reported, a real one is not."""
+    base = config_lib.base_config()
+    line = "python -m msd_jax.main --config configs/demo.py --workdir W --config.train.batchsize=8 --config.seed=1"
+    keys = OVERRIDE.findall(line)
+    assert keys == ["train.batchsize", "seed"]
+    assert [k for k in keys if not _has_key(base, k)] == ["train.batchsize"]
