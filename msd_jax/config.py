@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from msd_jax.baselines import settings as baseline_settings
+
 PROTOCOLS = ("token_upload", "model_upload")
-MODES = ("all", "encrypt", "site", "server", "eval")
+MODES = ("all", "setup", "encrypt", "site", "server", "eval")
 # what `python -m msd_jax.main` runs: the single-round pipeline (by --mode), the comparison of every
 # protocol and baseline (configs/compare.py), or the privacy audit (configs/audit.py)
 JOBS = ("pipeline", "compare", "audit")
@@ -112,7 +114,21 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=256,
         random_init_baseline=True,
         per_site=True,            # also probes fitted on each site's own labelled images alone
+        # full fine-tuning (eval/finetune.py; the comparison's fine-tune column): a new linear head on
+        # finetune_features ('' = the first kind of `features`), AdamW, warm-up + cosine, layer-wise
+        # lr decay (1.0 = one lr), random-resized-crop (scale range) + flip
+        finetune_batch_size=64,
+        finetune_lr=1e-3,         # per 256 images
+        finetune_min_lr=1e-6, finetune_warmup_frac=0.1,
+        finetune_weight_decay=0.05, finetune_layer_decay=0.75,
+        finetune_crop_scale=(0.6, 1.0),
+        finetune_features="",
+        finetune_init="random",   # new head at N(0, 0.01^2), or 'linear_probe' (LP-FT)
     ))
+    # the centralized and supervised baselines' pixel augmentations (msd_jax/baselines/settings.py
+    # holds each key's meaning)
+    c.baselines = ml_collections.ConfigDict(dict(baseline_settings.DEFAULTS))
+
     c.audit = ml_collections.ConfigDict(dict(
         # privacy audit (configs/audit.py): every attack against every mode
         modes="paper,masked,feature_perm,secret_head,feature_perm+masked,secret_head+masked,"
@@ -136,14 +152,15 @@ def _check_choice(value, allowed, field):
         raise ValueError(f"config.{field}: expected one of {list(allowed)}, got {value!r}")
 
 
-def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks the values that would otherwise fail deep inside a run."""
+def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.ConfigDict:
+    """Checks the values that would otherwise fail deep inside a run. `mode` (--mode): the image
+    folders are required only by the modes that read images (all, encrypt, eval)."""
     _check_choice(c.job, JOBS, "job")
     _check_choice(c.protocol, PROTOCOLS, "protocol")
     _check_choice(c.data.name, ("br35h", "folders"), "data.name")
     _check_choice(c.merge.data, ("proxy", "uploaded"), "merge.data")
     _check_choice(c.merge.init, ("average", "initial"), "merge.init")
-    if c.data.name == "folders":
+    if c.data.name == "folders" and mode in ("all", "encrypt", "eval"):
         if not c.data.site_dirs:
             raise ValueError("config.data.site_dirs: expected comma-separated site folders with "
                              "data.name='folders'")

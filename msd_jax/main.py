@@ -1,7 +1,8 @@
 """msd_jax command line: python -m msd_jax.main --config configs/demo.py --workdir DIR [--mode M]
 
---mode all (default) runs every party in turn; encrypt | site | server | eval run one party's part
-on files in DIR, so each party can run on its own machine (see layout.py for the folders).
+--mode all (default) runs every party in turn; setup | encrypt | site | server | eval run one
+party's part on files in DIR, so each party can run on its own machine (see layout.py for the
+folders): setup is the server's preparation of the round (head/, and initial/ for model upload).
 A config with `job='compare'` (configs/compare.py) or `job='audit'` (configs/audit.py) runs the
 comparison of every protocol and baseline, or the privacy audit, instead.
 """
@@ -25,7 +26,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-    config = config_lib.validate(FLAGS.config)
+    config = config_lib.validate(FLAGS.config, FLAGS.mode)
     if config.multihost:
         import jax
         jax.distributed.initialize()
@@ -44,6 +45,9 @@ def main(argv):
         audit.run_audit(config, wd.root)
         return
 
+    if mode == "setup":
+        parties.run_setup(config, wd)
+        return
     data = sites_lib.load(config) if mode in ("all", "encrypt", "eval") else None
     if data is not None and FLAGS.sites:
         unknown = set(FLAGS.sites) - {n for n, _ in data.sites}

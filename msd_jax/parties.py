@@ -37,6 +37,19 @@ def _read_records(wd: Workdir) -> dict:
     return out
 
 
+def run_setup(config, wd: Workdir, log=print) -> None:
+    """Server, before the round, without images: the public head (head/) and, for model upload,
+    the initial student (initial/), for every site. In a secret-head mode the sites derive the head
+    from their shared key, so only initial/ is written."""
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    if "secret_head" not in modes_lib.parse_mode(modes_lib.canonical(config.encrypt.mode)):
+        _, fingerprint = encrypt.get_or_create_head(wd.head, model_cfg, train.party_key(config.seed, "head"))
+        log(f"[server] head in {wd.head} (fingerprint {fingerprint[:16]}): send it to every site")
+    if config.protocol == "model_upload":
+        nbytes = model_upload.send_initial(config, wd)
+        log(f"[server] initial student in {wd.initial} ({nbytes / 2**20:.2f} MiB): send it to every site")
+
+
 def run_encrypt(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> None:
     """Sites (and, for model upload with a proxy set, the server): head -> permutation -> shards.
     Creates the head from the seed the first time (the server's job before the round)."""

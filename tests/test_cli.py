@@ -164,6 +164,27 @@ def test_parties_run_separately(tree, token_run, tmp_path):
     assert set(report["timing_s"]) >= {"encrypt", "server", "eval"}
 
 
+def test_setup_mode_needs_no_images_and_writes_the_round_files(tree, token_run, tmp_path):
+    """--mode setup (the server before the round) reads no folders: the config check does not ask
+    for data.site_dirs / test_dir; it writes the same head as the all-in-one run, and initial/."""
+    wd = tmp_path / "wd_setup"
+    args = [sys.executable, "-m", "msd_jax.main", "--config", "configs/demo.py:quick",
+            f"--workdir={wd}", "--mode=setup", "--config.data.name=folders",
+            "--config.protocol=model_upload", *SMALL]
+    proc = ok(subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")))
+    assert "send it to every site" in proc.stdout
+    all_wd, _ = token_run
+    for f in ("head.msgpack", "head.json"):
+        assert (wd / "head" / f).read_bytes() == (all_wd / "head" / f).read_bytes()
+    assert sorted(os.listdir(wd / "initial")) == ["model.json", "params.msgpack"]
+    assert not os.path.exists(wd / "shards") and not os.path.exists(wd / "backbone")
+    # The modes that read images still ask for the folders, naming the key.
+    bad = subprocess.run(args[:6] + ["--mode=encrypt", "--config.data.name=folders", *SMALL], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "config.data.site_dirs" in bad.stderr
+
+
 def test_model_upload_all(tree, tmp_path):
     wd = tmp_path / "wd_model"
     proc = ok(cli(tree, wd, "--config.protocol=model_upload", "--config.merge.data=uploaded",

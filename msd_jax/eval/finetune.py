@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from msd_jax import config as config_lib
 from msd_jax import train as train_lib
 from msd_jax.baselines import loop
 from msd_jax.baselines import pixel_views as pv_lib
@@ -35,21 +36,9 @@ from msd_jax.models import vit
 from msd_jax.msd import schedules
 from msd_jax.msd import step as step_lib
 
-# config.eval keys this module reads, with their defaults (eval.<key>)
-FINETUNE_DEFAULTS = {
-    "finetune_batch_size": 64,
-    "finetune_lr": 1e-3,              # per 256 images (scaled linearly by the batch)
-    "finetune_min_lr": 1e-6,
-    "finetune_warmup_frac": 0.1,
-    "finetune_weight_decay": 0.05,
-    "finetune_layer_decay": 0.75,     # 1.0: one lr for every layer
-    "finetune_crop_scale": (0.6, 1.0),
-    "finetune_features": "",          # '' = the first kind of eval.features
-    # 'random': the new classifier starts at N(0, 0.01^2); 'linear_probe': at the linear probe on the
-    # frozen, un-augmented features (LP-FT, Kumar et al. 2022). On Br35H with demo:quick and 30-100
-    # steps neither was clearly better (test accuracy 0.60-0.67 both), so the standard one is default.
-    "finetune_init": "random",
-}
+# config.eval keys this module reads, with their defaults (msd_jax/config.py; on Br35H with
+# demo:quick and 30-100 steps, finetune_init 'random' and 'linear_probe' scored alike, 0.60-0.67)
+FINETUNE_DEFAULTS = {k: v for k, v in config_lib.base_config().eval.items() if k.startswith("finetune_")}
 
 
 def _eval_setting(config, key):
