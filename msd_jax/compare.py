@@ -167,7 +167,7 @@ def plan_budget(config, site_sizes: list[int], proxy_size: int | None = None,
 def evaluate_backbone(config, head, body, data) -> dict:
     """kNN + linear probe on the first feature kind of config.eval.features, fitted on the pooled
     labelled train split and scored on the test split: what parties.run_eval reports as "eval"."""
-    from msd_jax.eval import evaluate_features  # noqa: PLC0415
+    from msd_jax.eval import evaluate_with_config  # noqa: PLC0415
     from msd_jax.eval.features import extract_features, parse_kinds  # noqa: PLC0415
     from msd_jax.models import vit  # noqa: PLC0415
     ev = config.eval
@@ -177,11 +177,8 @@ def evaluate_backbone(config, head, body, data) -> dict:
     train_set, test_set = data.labelled_train, data.test
     f_train = extract_features(head, body, model_cfg, train_set.images, **kw)[kind]
     f_test = extract_features(head, body, model_cfg, test_set.images, **kw)[kind]
-    return evaluate_features(f_train, train_set.labels, f_test, test_set.labels,
-                             len(test_set.class_names), knn_k=ev.knn_k,
-                             knn_temperature=ev.knn_temperature, linear_steps=ev.linear_steps,
-                             linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
-                             seed=config.seed)
+    return evaluate_with_config(config, f_train, train_set.labels, f_test, test_set.labels,
+                                len(test_set.class_names))
 
 
 def _finetune(config, head, body, train_set, test_set, log) -> dict:

@@ -10,7 +10,7 @@ import jax
 
 from msd_jax import encrypt, shards, train
 from msd_jax.data import sites as sites_lib
-from msd_jax.eval import evaluate_features
+from msd_jax.eval import evaluate_with_config
 from msd_jax.eval.features import extract_features, parse_kinds
 from msd_jax.federation import model_io, model_upload, token_upload
 from msd_jax.layout import PROXY, Workdir
@@ -146,10 +146,8 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
         kw = dict(mean=config.data.mean, std=config.data.std, batch_size=ev.batch_size)
         f_train = extract_features(head_params, body, model_cfg, train_set.images, **kw)
         f_test = extract_features(head_params, body, model_cfg, test_set.images, **kw)
-        return {k: evaluate_features(f_train[k], train_set.labels, f_test[k], test_set.labels,
-                                     num_classes, knn_k=ev.knn_k, knn_temperature=ev.knn_temperature,
-                                     linear_steps=ev.linear_steps, linear_lr=ev.linear_lr,
-                                     linear_weight_decay=ev.linear_weight_decay, seed=config.seed)
+        return {k: evaluate_with_config(config, f_train[k], train_set.labels, f_test[k], test_set.labels,
+                                        num_classes)
                 for k in kinds}
 
     trained = probe(body_params)
@@ -233,11 +231,8 @@ def _eval_by_site(config, head_params, body_params, model_cfg, data, kind: str, 
             log(f"[eval] site {name!r} has no labelled images: left out of eval_by_site")
             continue
         f_site = extract_features(head_params, body_params, model_cfg, images.images, **kw)[kind]
-        r = evaluate_features(f_site, images.labels, f_test, data.test.labels,
-                              len(data.test.class_names), knn_k=ev.knn_k,
-                              knn_temperature=ev.knn_temperature, linear_steps=ev.linear_steps,
-                              linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
-                              seed=config.seed)
+        r = evaluate_with_config(config, f_site, images.labels, f_test, data.test.labels,
+                                 len(data.test.class_names))
         out[name] = {"num_images": len(images), **r}
     return out
 

@@ -150,3 +150,13 @@ def evaluate_features(train_features, train_labels, test_features, test_labels, 
         "linear": {"accuracy": accuracy(lin_probs, test_labels),
                    "auc": roc_auc(lin_probs, test_labels)},
     }
+
+
+def evaluate_with_config(config, f_train, y_train, f_test, y_test, num_classes: int) -> dict:
+    """`evaluate_features` with the probe settings of config.eval and the config seed: the one
+    evaluation every report (report.json, eval_by_site, the comparison) uses."""
+    ev = config.eval
+    return evaluate_features(f_train, y_train, f_test, y_test, num_classes, knn_k=ev.knn_k,
+                             knn_temperature=ev.knn_temperature, linear_steps=ev.linear_steps,
+                             linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
+                             seed=config.seed)
