@@ -137,6 +137,19 @@ def test_dino_loss_matches_numpy(h, g, v):
                                np_softmax((t.astype(np.float64) - c[:, None, None]) / 0.04), atol=1e-6)
 
 
+@pytest.mark.parametrize("split", [0, 1, 2, 3, 5])
+def test_pair_cross_entropy_over_a_split_of_the_views_sums_to_the_loss(split):
+    # The step backpropagates the global and the local student views separately; the two partial
+    # sums must give the numpy loop's loss whatever the split (including splits inside the globals).
+    h, g, v = 3, 2, 5
+    s, t, c = _loss_inputs(h, g, v)
+    q = loss_lib.teacher_probs(jnp.asarray(t), jnp.asarray(c), 0.04)
+    parts = [loss_lib.pair_cross_entropy(jnp.asarray(s[:, :split]), q, 0.1, 0),
+             loss_lib.pair_cross_entropy(jnp.asarray(s[:, split:]), q, 0.1, split)]
+    total = float(sum(parts)) / (h * loss_lib.num_pairs(g, v))
+    np.testing.assert_allclose(total, np_dino_loss(s, t, c, 0.1, 0.04), rtol=1e-5)
+
+
 def test_dino_loss_bfloat16_inputs_are_computed_in_float32():
     s, t, c = _loss_inputs()
     s16, t16 = jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16)

@@ -427,3 +427,12 @@ def test_effective_prototypes_in_step_metrics(three_steps):
         t = logits(cfg, state.ema_params, g_views, sc.num_global)
         ref = np_effective_prototypes(t, np.asarray(state.center), 0.05)
         assert d["metrics"][step]["effective_prototypes"] == pytest.approx(ref, rel=1e-3)
+
+
+def test_after_keeps_values_and_passes_non_finite_gradients_on():
+    x = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)
+    tree = {"a": jnp.ones((4, 5)), "b": {"c": jnp.full((3,), -2.0)}}
+    np.testing.assert_array_equal(np.asarray(step_lib.after(x, tree)), np.arange(6).reshape(2, 3))
+    assert step_lib.after(x.astype(jnp.bfloat16), tree).dtype == jnp.bfloat16
+    bad = {"a": jnp.ones((4, 5)), "b": {"c": jnp.array([np.inf, 0.0, 0.0])}}
+    assert np.isnan(np.asarray(step_lib.after(x, bad))).all()

@@ -102,6 +102,13 @@ def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), written with erf as PyTorch does. Flax's `nn.gelu(approximate=False)`
+    goes through erfc, which XLA expands into two exp-based branches; on CPU that made GELU 12 % of
+    the demo step (benchmarks/NOTES.md). Same function to float32 rounding."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / np.sqrt(2.0))).astype(x.dtype))
+
+
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], rows of patches in raster order."""
     b, h, w, c = images.shape
@@ -139,7 +146,7 @@ class MlpBlock(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         return nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
 
 
@@ -216,14 +223,15 @@ class DINOHead(nn.Module):
             x = nn.Dense(self.bottleneck_dim, kernel_init=trunc_normal, name="mlp0")(x)
         else:
             for i in range(self.num_layers - 1):
-                x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=trunc_normal, name=f"mlp{i}")(x),
-                            approximate=False)
+                x = gelu(nn.Dense(self.hidden_dim, kernel_init=trunc_normal, name=f"mlp{i}")(x))
             x = nn.Dense(self.bottleneck_dim, kernel_init=trunc_normal,
                          name=f"mlp{self.num_layers - 1}")(x)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         v = self.param("last_layer", trunc_normal, (self.bottleneck_dim, self.out_dim))
-        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
-        return x @ w
+        # x @ (v / |v|_col) computed as (x @ v) / |v|_col: equal, but XLA CPU fused the normalised
+        # [bottleneck, out_dim] matrix into the dot and ran it ~20x slower (benchmarks/NOTES.md).
+        inv_norm = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(v), axis=0)), 1e-12)
+        return (x @ v) * inv_norm
 
 
 class Student(nn.Module):

@@ -14,6 +14,28 @@ def teacher_probs(teacher_logits: jax.Array, center: jax.Array, temperature) -> 
     return jax.nn.softmax(t / temperature, axis=-1)
 
 
+def pair_cross_entropy(student_logits: jax.Array, t_probs: jax.Array, student_temp,
+                       first_view: int = 0) -> jax.Array:
+    """Sum over heads and (teacher view g, student view v != g) pairs of the batch-mean
+    H(t_g, softmax(s_v / T_s)), for the student views first_view .. first_view + V - 1.
+
+    student_logits [H, V, B, K], t_probs [H, G, B, K] (the teacher's targets; global view g of the
+    student is view g of the teacher). Each term depends on one student view only, so the loss of
+    all views is the sum of this over any split of the views (the step backpropagates the global
+    and the local views one after the other)."""
+    g, b = t_probs.shape[1], t_probs.shape[2]
+    v = student_logits.shape[1]
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+    ce = -jnp.einsum("hgbk,hvbk->hgv", t_probs, log_s) / b  # [H, G, V]
+    same = jnp.arange(g)[:, None] == first_view + jnp.arange(v)[None, :]
+    return jnp.sum(jnp.where(same[None], 0.0, ce))
+
+
+def num_pairs(num_global: int, num_views: int) -> int:
+    """(teacher view, student view) pairs the loss averages over: all but the G equal ones."""
+    return num_global * num_views - min(num_global, num_views)
+
+
 def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
               student_temp, teacher_temp):
     """Mean over heads and over (teacher view g, student view v != g) pairs of
@@ -22,13 +44,10 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
     student_logits [H, V, B, K] (the first G views are the global ones the teacher saw),
     teacher_logits [H, G, B, K], center [H, K]. Returns (loss, teacher probabilities).
     """
-    h, g, b, _ = teacher_logits.shape
-    v = student_logits.shape[1]
+    h, g = teacher_logits.shape[:2]
     t = jax.lax.stop_gradient(teacher_probs(teacher_logits, center, teacher_temp))
-    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-    ce = -jnp.einsum("hgbk,hvbk->hgv", t, log_s) / b  # [H, G, V]
-    pairs = 1.0 - jnp.eye(g, v, dtype=jnp.float32)     # skip the student view equal to the teacher's
-    return jnp.sum(ce * pairs[None]) / (h * jnp.sum(pairs)), t
+    total = pair_cross_entropy(student_logits, t, student_temp)
+    return total / (h * num_pairs(g, student_logits.shape[1])), t
 
 
 def update_center(center: jax.Array, teacher_logits: jax.Array, momentum) -> jax.Array:

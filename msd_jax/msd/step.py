@@ -166,6 +166,15 @@ def effective_prototypes(t_probs: jax.Array) -> jax.Array:
     return jnp.exp(-jnp.sum(mean * jnp.log(jnp.clip(mean, 1e-12))))
 
 
+def after(x: jax.Array, tree) -> jax.Array:
+    """x, made to depend on every leaf of `tree` (one element of each, times zero), so XLA
+    schedules whatever consumes it after the whole tree is computed. (XLA CPU ignores
+    `optimization_barrier` for scheduling.) A non-finite element read makes it NaN; the step's
+    update is non-finite then anyway."""
+    dep = sum(leaf.reshape(-1)[0].astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(tree))
+    return x + (0.0 * dep).astype(x.dtype)
+
+
 def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int = 1,
                     merge: bool = False) -> Callable:
     """Returns the un-jitted step(state, tokens, example_ids, key[, site_params]) -> (state, metrics).
@@ -192,16 +201,23 @@ def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int
             t_logits = student.apply({"params": state.ema_params}, g_views)
         t_logits = jax.lax.stop_gradient(split_views(t_logits, sc.num_global))
 
-        def loss_fn(params):
-            s_logits = split_views(student.apply({"params": params}, g_views), sc.num_global)
-            if l_views is not None:
-                s_local = split_views(student.apply({"params": params}, l_views), sc.num_local)
-                s_logits = jnp.concatenate([s_logits, s_local], axis=1)
-            loss, probs = loss_lib.dino_loss(s_logits, t_logits, state.center, sc.student_temp,
-                                             hp["teacher_temp"])
-            return loss, probs
+        t_probs = jax.lax.stop_gradient(
+            loss_lib.teacher_probs(t_logits, state.center, hp["teacher_temp"]))
+        norm = t_logits.shape[0] * loss_lib.num_pairs(sc.num_global, sc.num_global + sc.num_local)
 
-        (loss, t_probs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        def views_loss(params, views, num_views, first_view):
+            s_logits = split_views(student.apply({"params": params}, views), num_views)
+            return loss_lib.pair_cross_entropy(s_logits, t_probs, sc.student_temp, first_view) / norm
+
+        # The DINO loss is a sum of per-student-view terms, so the global and the local views are
+        # backpropagated one after the other: their saved activations are never alive together
+        # (the step's peak memory is the larger of the two, not their sum; benchmarks/NOTES.md).
+        loss, grads = jax.value_and_grad(views_loss)(state.params, g_views, sc.num_global, 0)
+        if l_views is not None:
+            loss_local, grads_local = jax.value_and_grad(views_loss)(
+                state.params, after(l_views, grads), sc.num_local, sc.num_global)
+            loss = loss + loss_local
+            grads = jax.tree_util.tree_map(jnp.add, grads, grads_local)
         params, opt_state, grad_norm = optimizer_update(sc, hp, state, grads)
         ema = ema_update(state.ema_params, params, hp["momentum"])
         center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
