@@ -166,7 +166,7 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
     batch = batch_size_for(config.train.batch_size, len(tokens), n_dev)
     order = BatchOrder(jax.random.fold_in(party_key(config.seed, party), 1), len(tokens), batch)
     sc = step_lib.StepConfig.from_config(config, tokens.shape[1], total_steps, order.steps_per_epoch, batch)
-    step_fn = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, sc, num_heads_out, merge),
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, sc, num_heads_out, merge, n_dev),
                                       mesh, merge)
     meta = checkpoint_meta(model_cfg, party, num_heads_out, total_steps)
 

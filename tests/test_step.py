@@ -164,9 +164,43 @@ def run_steps(num_steps=3):
                 batch_devices=len(toks.sharding.device_set))
 
 
-@pytest.fixture(scope="module")
-def three_steps():
-    return run_steps()
+@pytest.fixture(scope="module", params=["default passes", "one pass per view group"])
+def three_steps(request):
+    # The step backpropagates its views in groups (step.backward_passes); at these small shapes the
+    # default puts each kind of view in one pass, so the checks also run with a budget of 1 token,
+    # which splits the global views into one pass each.
+    saved = step_lib.MIN_PASS_TOKENS
+    if request.param != "default passes":
+        step_lib.MIN_PASS_TOKENS = 1
+    try:
+        return run_steps()
+    finally:
+        step_lib.MIN_PASS_TOKENS = saved
+
+
+DEMO_VIEWS, VIT_VIEWS = (2, 32, 6, 13), (2, 118, 8, 39)   # (G, global size, L, local size)
+
+
+@pytest.mark.parametrize("views,batch,min_tokens,expected", [
+    (DEMO_VIEWS, 64, 512, [(0, 1), (1, 1), (2, 2), (4, 2), (6, 2)]),
+    (VIT_VIEWS, 8, 512, [(0, 1), (1, 1), (2, 3), (5, 3), (8, 2)]),
+    (VIT_VIEWS, 2, 512, [(0, 2), (2, 6), (8, 2)]),   # few tokens per view: fewer, larger passes
+    (DEMO_VIEWS, 2, 1, [(0, 1), (1, 1), (2, 2), (4, 2), (6, 2)]),
+])
+def test_backward_passes_cover_every_view_once_in_order(views, batch, min_tokens, expected, monkeypatch):
+    # (index of the group's first view, views in the group), by hand from the rule in the docstring
+    monkeypatch.setattr(step_lib, "MIN_PASS_TOKENS", min_tokens)
+    sc = step_lib.StepConfig(total_steps=1, num_global=views[0], size_global=views[1],
+                             num_local=views[2], size_local=views[3])
+    # views [B, V, k, D] with entry (b, v) = 100 * v + b (locals offset by 10,000)
+    g = (100 * np.arange(sc.num_global)[None, :] + np.arange(batch)[:, None])[..., None, None]
+    l = 10_000 + (100 * np.arange(sc.num_local)[None, :] + np.arange(batch)[:, None])[..., None, None]
+    passes = step_lib.backward_passes(sc, g, l, batch)
+    assert [(first, n) for _, n, first in passes] == expected
+    got = np.concatenate([v[:, :, 0, 0] for v, _, _ in passes], axis=1)   # [B, G + L] in pass order
+    np.testing.assert_array_equal(got, np.concatenate([g[:, :, 0, 0], l[:, :, 0, 0]], axis=1))
+    for views, n, _ in passes:
+        assert views.shape[:2] == (batch, n)
 
 
 def test_schedule_values_in_metrics(three_steps):

@@ -175,49 +175,85 @@ def after(x: jax.Array, tree) -> jax.Array:
     return x + (0.0 * dep).astype(x.dtype)
 
 
+# Fewest tokens (batch x view size) worth a backward pass of their own: below this, one pass per
+# view costs more in per-pass overhead than it saves (ViT-B/16 at batch 2 on CPU, NOTES.md change 7).
+MIN_PASS_TOKENS = 512
+
+
+def backward_passes(sc: StepConfig, g_views, l_views, batch: int):
+    """The student views in the groups that are backpropagated one after the other, as
+    [(views [B, n, k, D], n, index of the group's first view)] from views [B, V, k, D]. A group
+    holds about one global view's tokens per device (at least MIN_PASS_TOKENS): each global view
+    alone, the local views a few together. The DINO loss is a sum over student views, so the
+    groups' gradients add up to the loss's, and only one group's saved activations are alive at a
+    time. Against one pass for the global and one for the local views: XLA's temporary buffer
+    436 -> 212 MB and the step 12 % faster (demo, CPU; benchmarks/NOTES.md, change 7).
+    `batch` is the batch per device."""
+    budget = max(batch * sc.size_global, MIN_PASS_TOKENS)
+    passes = []
+
+    def group(views, num_views, size, first):
+        per = max(1, budget // (batch * size))
+        for j in range(0, num_views, per):
+            n = min(per, num_views - j)
+            passes.append((views[:, j:j + n], n, first + j))
+
+    group(g_views, sc.num_global, sc.size_global, 0)
+    if l_views is not None:
+        group(l_views, sc.num_local, sc.size_local, sc.num_global)
+    return passes
+
+
 def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int = 1,
-                    merge: bool = False) -> Callable:
+                    merge: bool = False, num_devices: int = 1) -> Callable:
     """Returns the un-jitted step(state, tokens, example_ids, key[, site_params]) -> (state, metrics).
 
     tokens [B, N, D] (any float dtype), example_ids [B] int32 global ids, key: the run's base key
     (folded with the step inside, so a resumed run draws the same views). With `merge`, site_params
     is the stacked pytree of the site students (leading axis = site) that act as fixed teachers.
+    `num_devices` (the mesh size the batch is split over) only sizes the backward passes.
     """
     student = vit.Student(model_cfg, num_heads_out)
     site_model = vit.Student(model_cfg, 1)
 
-    def split_views(logits, num_views):  # [H, V*B, K] -> [H, V, B, K]
-        h, vb, k = logits.shape
-        return logits.reshape(h, num_views, vb // num_views, k)
+    def apply(model, params, views):  # views [B, V, k, D] -> logits [H, V, B, K]
+        b, v, k, d = views.shape
+        logits = model.apply({"params": params}, views.reshape(b * v, k, d))  # batch-major rows
+        return logits.reshape(logits.shape[0], b, v, logits.shape[-1]).swapaxes(1, 2)
 
     def step_fn(state: TrainState, tokens, example_ids, key, site_params=None):
         hp = schedule_values(sc, state.step)
         step_key = jax.random.fold_in(key, state.step)
+        # Views as [B, V, k, D]: the batch axis stays leading through every reshape, so with the
+        # batch sharded across devices the model runs on each device's share (a view-major
+        # [V*B] layout made XLA all-gather the views and run the whole step on every device).
         g_views, l_views = views_lib.make_views(step_key, tokens, example_ids, sc.num_global,
-                                                sc.size_global, sc.num_local, sc.size_local)
+                                                sc.size_global, sc.num_local, sc.size_local,
+                                                view_major=False)
         if merge:  # every site model scores the global views: [S, G, B, K]
-            t_logits = jax.vmap(lambda p: site_model.apply({"params": p}, g_views)[0])(site_params)
+            t_logits = jax.vmap(lambda p: apply(site_model, p, g_views)[0])(site_params)
         else:
-            t_logits = student.apply({"params": state.ema_params}, g_views)
-        t_logits = jax.lax.stop_gradient(split_views(t_logits, sc.num_global))
+            t_logits = apply(student, state.ema_params, g_views)
+        t_logits = jax.lax.stop_gradient(t_logits)
 
         t_probs = jax.lax.stop_gradient(
             loss_lib.teacher_probs(t_logits, state.center, hp["teacher_temp"]))
         norm = t_logits.shape[0] * loss_lib.num_pairs(sc.num_global, sc.num_global + sc.num_local)
 
         def views_loss(params, views, num_views, first_view):
-            s_logits = split_views(student.apply({"params": params}, views), num_views)
+            s_logits = apply(student, params, views)
             return loss_lib.pair_cross_entropy(s_logits, t_probs, sc.student_temp, first_view) / norm
 
-        # The DINO loss is a sum of per-student-view terms, so the global and the local views are
-        # backpropagated one after the other: their saved activations are never alive together
-        # (the step's peak memory is the larger of the two, not their sum; benchmarks/NOTES.md).
-        loss, grads = jax.value_and_grad(views_loss)(state.params, g_views, sc.num_global, 0)
-        if l_views is not None:
-            loss_local, grads_local = jax.value_and_grad(views_loss)(
-                state.params, after(l_views, grads), sc.num_local, sc.num_global)
-            loss = loss + loss_local
-            grads = jax.tree_util.tree_map(jnp.add, grads, grads_local)
+        # Backpropagated in groups of views, one after the other (see `backward_passes`); `after`
+        # makes each group wait for the gradients so far.
+        per_device = max(1, tokens.shape[0] // num_devices)
+        loss, grads = 0.0, None
+        for views, num_views, first_view in backward_passes(sc, g_views, l_views, per_device):
+            if grads is not None:
+                views = after(views, grads)
+            part, part_grads = jax.value_and_grad(views_loss)(state.params, views, num_views, first_view)
+            loss = loss + part
+            grads = part_grads if grads is None else jax.tree_util.tree_map(jnp.add, grads, part_grads)
         params, opt_state, grad_norm = optimizer_update(sc, hp, state, grads)
         ema = ema_update(state.ema_params, params, hp["momentum"])
         center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
