@@ -263,10 +263,15 @@ def test_centralized_msd_step_equals_project_step_on_the_body():
     ref_fn = jax.jit(step_lib.make_train_step(cfg, sc))
     s2, m2 = ref_fn(step_lib.init_state(params["student"], 1, OUT, sc), tokens, ids, key)
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
-    a, r = flat(s1.params["student"]), flat(s2.params)
+    a, r, p0 = flat(s1.params["student"]), flat(s2.params), flat(params["student"])
     assert a.keys() == r.keys()
     for k in a:
-        np.testing.assert_allclose(a[k], r[k], atol=2e-6, err_msg=k)
+        # Adam's first update is lr * g / (|g| + 1e-8): where g is at float noise level (the key
+        # bias, whose exact gradient is 0) its sign depends on the order of summation, which
+        # differs (the project step backpropagates its views in groups): those only by bound.
+        noise = np.abs(r[k] - p0[k]) < 1e-2 * sc.lr
+        np.testing.assert_allclose(a[k][~noise], r[k][~noise], atol=2e-6, err_msg=k)
+        assert np.all(np.abs(a[k] - r[k])[noise] <= 2e-2 * sc.lr), k
     for k, v in flat(s1.ema_params["student"]).items():
         np.testing.assert_allclose(v, flat(s2.ema_params)[k], atol=2e-6, err_msg=k)
     np.testing.assert_allclose(np.asarray(s1.center), np.asarray(s2.center), atol=1e-6)
