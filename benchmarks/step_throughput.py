@@ -64,7 +64,7 @@ def make_spec(args) -> dict:
     m, o = c.msd, c.optim
     return dict(
         config=args.config, smoke=args.smoke, batch=batch, steps=args.steps, warmup=args.warmup,
-        threads=args.threads, dtype=args.dtype, xla_flags=args.xla_flags,
+        threads=args.threads, dtype=args.dtype, matmul_dtype=args.matmul_dtype, xla_flags=args.xla_flags,
         torch_omp_passive=not getattr(args, "torch_omp_active", False),
         model=dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                    mlp_ratio=cfg.mlp_ratio, out_dim=cfg.out_dim, head_hidden_dim=cfg.head_hidden_dim,
@@ -159,6 +159,7 @@ def worker_jax(spec: dict) -> dict:
     backend = jax.default_backend()
     dtype = spec["dtype"] or ("float32" if backend == "cpu" else "bfloat16")
     c.model.dtype = dtype
+    c.model.matmul_dtype = spec["matmul_dtype"]
     batch = spec["batch"]
     c.train.batch_size = batch
     cfg = vit.ViTConfig.from_config(c.model)
@@ -223,7 +224,8 @@ def worker_torch(spec: dict) -> dict:
     m, v, hp = spec["model"], spec["views"], spec["hp"]
     model = tr.Student(m["embed_dim"], m["depth"], m["num_heads"], m["out_dim"], m["mlp_ratio"],
                        m["head_hidden_dim"], m["head_bottleneck_dim"], m["head_layers"])
-    step = tr.TorchMSDStep(model, **v, **hp)
+    amp = torch.bfloat16 if spec["matmul_dtype"] == "bfloat16" else None
+    step = tr.TorchMSDStep(model, **v, **hp, amp_dtype=amp)
     tokens = torch.from_numpy(_tokens(spec))
     box = {}
 
@@ -334,6 +336,7 @@ def summarize(spec: dict, runs_jax: list, runs_torch: list) -> dict:
     out = dict(
         config=spec["config"], smoke=spec["smoke"], batch=b, steps=spec["steps"],
         warmup=spec["warmup"], repeats=len(runs_jax), threads=spec["threads"], dtype=j0["dtype"],
+        matmul_dtype=spec["matmul_dtype"],
         xla_flags=spec["xla_flags"], views=spec["views"], model=spec["model"],
         torch_omp_wait_policy="PASSIVE" if spec.get("torch_omp_passive", True) else "default",
         device=(f"{j0['backend']}: {cpu_name()} ({spec['threads']} threads)" if j0["backend"] == "cpu"
@@ -395,9 +398,10 @@ def table(r: dict) -> str:
         v = r[key] / 1e9 if key in giga else r[key]
         return f.format(v)
 
+    matmuls = f" (bfloat16 matmuls)" if r.get("matmul_dtype") == "bfloat16" else ""
     head = (f"{r['config']}: batch {r['batch']}, views {r['views']['num_global']}x"
             f"{r['views']['size_global']} + {r['views']['num_local']}x{r['views']['size_local']} tokens, "
-            f"{r['dtype']}, {r['device']}, {r['repeats']} x {r['steps']} steps")
+            f"{r['dtype']}{matmuls}, {r['device']}, {r['repeats']} x {r['steps']} steps")
     lines = [head, f"| {'':32} | {'msd_jax':>12} | {'PyTorch':>12} |", f"|{'-' * 34}|{'-' * 14}|{'-' * 14}|"]
     for name, kj, kt, f in rows:
         lines.append(f"| {name:32} | {fmt(kj, f):>12} | {fmt(kt, f):>12} |")
@@ -418,6 +422,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="cores for each framework (default: all schedulable)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: the config's; 8 for vit_s16, 4 for vit_b16)")
     p.add_argument("--dtype", default=None, help="model.dtype for JAX (default float32 on CPU, bfloat16 otherwise)")
+    p.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="model.matmul_dtype for JAX (bfloat16: bf16 operands, float32 accumulation); "
+                        "bfloat16 runs PyTorch under CPU autocast to bfloat16, its equivalent")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS in the JAX worker")
     p.add_argument("--no-torch", action="store_true", help="JAX only")
     p.add_argument("--torch-omp-active", action="store_true",

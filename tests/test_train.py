@@ -143,6 +143,17 @@ def test_checkpoint_of_another_model(runs, tmp_path, field, value):
     assert saved_steps(d) == [2, 4, 6]
 
 
+def test_checkpoint_resumes_under_another_compute_precision(runs, tmp_path):
+    """dtype / matmul_dtype say how the model computes, not what it is: a run may resume elsewhere."""
+    d = tmp_path / "ck"
+    shutil.copytree(runs["root"] / "full", d)
+    other = "float32" if runs["cfg"].model.matmul_dtype == "bfloat16" else "bfloat16"
+    logs = []
+    again = run(make_config(**{"model.matmul_dtype": other}), d, logs=logs)
+    assert_same_state(again, runs["full"])  # nothing left to train: the checkpoint as it was
+    assert "resumed" in logs[0] and f"step {TOTAL}/{TOTAL}" in logs[0]
+
+
 def test_checkpoint_of_another_budget(runs, tmp_path):
     d = tmp_path / "ck"
     shutil.copytree(runs["root"] / "full", d)

@@ -38,6 +38,8 @@ def load_params(in_dir: str, template, model_cfg: vit.ViTConfig):
     with open(meta_path) as f:
         meta = json.load(f)
     for k, v in model_cfg.to_dict().items():
+        if k in vit.COMPUTE_FIELDS:
+            continue  # how the model computes, not what it is
         if meta["model"].get(k) != v:
             raise ValueError(f"{meta_path}: model.{k} is {meta['model'].get(k)!r} but config.model.{k} "
                              f"is {v!r}: a model of another shape")
@@ -69,6 +71,8 @@ def load_backbone(in_dir: str, model_cfg: vit.ViTConfig):
     for k, v in model_cfg.to_dict().items():
         if k in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers"):
             continue  # the projection head is not part of the backbone
+        if k in vit.COMPUTE_FIELDS:
+            continue  # how the model computes, not what it is
         if meta["model"].get(k) != v:
             raise ValueError(f"{meta_path}: model.{k} is {meta['model'].get(k)!r} but config.model.{k} "
                              f"is {v!r}: a backbone of another model")

@@ -9,12 +9,15 @@ the tokens. `DINOHead` is DINO's projection head.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from msd_jax.models import matmul
 
 VARIANTS = {
     # name: (embed_dim, depth, num_heads)
@@ -42,6 +45,10 @@ class ViTConfig:
     head_bottleneck_dim: int = 256
     head_layers: int = 3
     dtype: str = "float32"  # compute dtype of the body; parameters stay float32
+    # operands of the body's and head's dense layers when dtype is float32: 'bfloat16' rounds them
+    # to bfloat16 and accumulates in float32 (a TPU's default matmul precision; ~1.5x faster steps
+    # on CPUs with AVX512-BF16, see models/matmul.py)
+    matmul_dtype: str = "float32"
 
     @property
     def grid(self) -> int:
@@ -67,6 +74,10 @@ class ViTConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"config.model.embed_dim={self.embed_dim} is not divisible by "
                              f"config.model.num_heads={self.num_heads}")
+        for field in ("dtype", "matmul_dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16"):
+                raise ValueError(f"config.model.{field}: expected 'float32' or 'bfloat16', got "
+                                 f"{getattr(self, field)!r}")
         if self.pos_embed not in ("sincos", "random"):
             raise ValueError(f"config.model.pos_embed: expected 'sincos' or 'random', got {self.pos_embed!r}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
@@ -88,6 +99,17 @@ class ViTConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def dot_general(self):
+        """What the dense layers multiply with: None (XLA's own) or `matmul.bf16_dot_general`."""
+        if self.matmul_dtype == "bfloat16" and self.dtype == "float32" and matmul.bf16_matmul_works():
+            return matmul.bf16_dot_general
+        return None
+
+
+# how a model computes, not what it is: a checkpoint loads under either setting
+COMPUTE_FIELDS = ("dtype", "matmul_dtype")
 
 
 def sincos_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
@@ -141,30 +163,35 @@ class PatchHead(nn.Module):
 class MlpBlock(nn.Module):
     hidden_dim: int
     dtype: Any = jnp.float32
+    dot_general: Any = None
 
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
-        x = gelu(x)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=trunc_normal,
+                                  dot_general=self.dot_general)
+        x = gelu(dense(self.hidden_dim, name="fc1")(x))
+        return dense(d, name="fc2")(x)
 
 
 class Attention(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
+    dot_general: Any = None
 
     @nn.compact
     def __call__(self, x, return_weights: bool = False):
         b, n, d = x.shape
         hd = d // self.num_heads
-        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")(x)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=trunc_normal,
+                                  dot_general=self.dot_general)
+        qkv = dense(3 * d, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
         q, k, v = (t[:, :, 0] for t in (q, k, v))  # [b, n, h, hd]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
         weights = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).reshape(b, n, d)
-        out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
+        out = dense(d, name="proj")(out)
         return (out, weights) if return_weights else out
 
 
@@ -172,16 +199,17 @@ class Block(nn.Module):
     num_heads: int
     mlp_ratio: float
     dtype: Any = jnp.float32
+    dot_general: Any = None
 
     @nn.compact
     def __call__(self, x, return_weights: bool = False):
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-        y = Attention(self.num_heads, self.dtype, name="attn")(y, return_weights)
+        y = Attention(self.num_heads, self.dtype, self.dot_general, name="attn")(y, return_weights)
         if return_weights:
             y, weights = y
         x = x + y
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-        x = x + MlpBlock(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(y)
+        x = x + MlpBlock(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dot_general, name="mlp")(y)
         return (x, weights) if return_weights else x
 
 
@@ -202,7 +230,7 @@ class Body(nn.Module):
         weights = None
         for i in range(cfg.depth):
             last = return_attention and i == cfg.depth - 1
-            x = Block(cfg.num_heads, cfg.mlp_ratio, dtype, name=f"block{i}")(x, last)
+            x = Block(cfg.num_heads, cfg.mlp_ratio, dtype, cfg.dot_general, name=f"block{i}")(x, last)
             if last:
                 x, weights = x
         x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(x.astype(jnp.float32))
@@ -215,23 +243,25 @@ class DINOHead(nn.Module):
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     num_layers: int = 3
+    dot_general: Any = None
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(jnp.float32)
+        dense = functools.partial(nn.Dense, kernel_init=trunc_normal, dot_general=self.dot_general)
         if self.num_layers == 1:
-            x = nn.Dense(self.bottleneck_dim, kernel_init=trunc_normal, name="mlp0")(x)
+            x = dense(self.bottleneck_dim, name="mlp0")(x)
         else:
             for i in range(self.num_layers - 1):
-                x = gelu(nn.Dense(self.hidden_dim, kernel_init=trunc_normal, name=f"mlp{i}")(x))
-            x = nn.Dense(self.bottleneck_dim, kernel_init=trunc_normal,
-                         name=f"mlp{self.num_layers - 1}")(x)
+                x = gelu(dense(self.hidden_dim, name=f"mlp{i}")(x))
+            x = dense(self.bottleneck_dim, name=f"mlp{self.num_layers - 1}")(x)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         v = self.param("last_layer", trunc_normal, (self.bottleneck_dim, self.out_dim))
         # x @ (v / |v|_col) computed as (x @ v) / |v|_col: equal, but XLA CPU fused the normalised
         # [bottleneck, out_dim] matrix into the dot and ran it ~20x slower (benchmarks/NOTES.md).
         inv_norm = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(v), axis=0)), 1e-12)
-        return (x @ v) * inv_norm
+        xv = x @ v if self.dot_general is None else self.dot_general(x, v, (((1,), (0,)), ((), ())))
+        return xv * inv_norm
 
 
 class Student(nn.Module):
@@ -243,7 +273,7 @@ class Student(nn.Module):
     def setup(self):
         self.body = Body(self.cfg)
         self.heads = [DINOHead(self.cfg.out_dim, self.cfg.head_hidden_dim, self.cfg.head_bottleneck_dim,
-                               self.cfg.head_layers)
+                               self.cfg.head_layers, self.cfg.dot_general)
                       for _ in range(self.num_heads_out)]
 
     def __call__(self, tokens):
