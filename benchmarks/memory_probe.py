@@ -14,7 +14,7 @@ from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 name = sys.argv[1] if len(sys.argv) > 1 else 'demo'
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-c = st.load_config(name); c.model.dtype = 'float32'
+c = st.load_config(name); c.model.dtype = 'float32'; c.model.matmul_dtype = 'float32'  # as NOTES.md measured
 cfg = vit.ViTConfig.from_config(c.model)
 sc = step_lib.StepConfig.from_config(c, cfg.num_patches, 1000, 100, B)
 mesh = step_lib.make_mesh()

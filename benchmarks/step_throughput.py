@@ -64,7 +64,7 @@ def make_spec(args) -> dict:
     m, o = c.msd, c.optim
     return dict(
         config=args.config, smoke=args.smoke, batch=batch, steps=args.steps, warmup=args.warmup,
-        threads=args.threads, dtype=args.dtype, matmul_dtype=args.matmul_dtype, xla_flags=args.xla_flags,
+        threads=args.threads, dtype=args.dtype, matmul_dtype=getattr(args, "matmul_dtype", "float32"), xla_flags=args.xla_flags,
         torch_omp_passive=not getattr(args, "torch_omp_active", False),
         model=dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                    mlp_ratio=cfg.mlp_ratio, out_dim=cfg.out_dim, head_hidden_dim=cfg.head_hidden_dim,

@@ -30,8 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
         pos_embed="sincos",       # fixed head: 'sincos' or 'random' position embeddings
         out_dim=4096, head_hidden_dim=512, head_bottleneck_dim=128, head_layers=3,
         dtype="float32",          # compute dtype of the body ('bfloat16' on GPU/TPU)
-        # with dtype float32: dense-layer operands rounded to 'bfloat16', float32 accumulation and
-        # activations (TPU's default matmul precision; ~1.5x on CPUs with AVX512-BF16)
+        # with dtype float32: the body's dense-layer operands rounded to 'bfloat16', float32
+        # accumulation and activations (TPU's default matmul precision; ~1.5x on CPUs with AVX512-BF16)
         matmul_dtype="float32",
     ))
 

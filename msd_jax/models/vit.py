@@ -45,9 +45,10 @@ class ViTConfig:
     head_bottleneck_dim: int = 256
     head_layers: int = 3
     dtype: str = "float32"  # compute dtype of the body; parameters stay float32
-    # operands of the body's and head's dense layers when dtype is float32: 'bfloat16' rounds them
-    # to bfloat16 and accumulates in float32 (a TPU's default matmul precision; ~1.5x faster steps
-    # on CPUs with AVX512-BF16, see models/matmul.py)
+    # operands of the body's dense layers when dtype is float32: 'bfloat16' rounds them to bfloat16
+    # and accumulates in float32 (a TPU's default matmul precision; ~1.5x faster steps on CPUs with
+    # AVX512-BF16, see models/matmul.py). The DINO head stays float32: its output is sharpened by
+    # the teacher temperature (/0.04), which would magnify the rounding, and it is ~2 % of the FLOPs
     matmul_dtype: str = "float32"
 
     @property
@@ -243,25 +244,23 @@ class DINOHead(nn.Module):
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     num_layers: int = 3
-    dot_general: Any = None
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(jnp.float32)
-        dense = functools.partial(nn.Dense, kernel_init=trunc_normal, dot_general=self.dot_general)
         if self.num_layers == 1:
-            x = dense(self.bottleneck_dim, name="mlp0")(x)
+            x = nn.Dense(self.bottleneck_dim, kernel_init=trunc_normal, name="mlp0")(x)
         else:
             for i in range(self.num_layers - 1):
-                x = gelu(dense(self.hidden_dim, name=f"mlp{i}")(x))
-            x = dense(self.bottleneck_dim, name=f"mlp{self.num_layers - 1}")(x)
+                x = gelu(nn.Dense(self.hidden_dim, kernel_init=trunc_normal, name=f"mlp{i}")(x))
+            x = nn.Dense(self.bottleneck_dim, kernel_init=trunc_normal,
+                         name=f"mlp{self.num_layers - 1}")(x)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         v = self.param("last_layer", trunc_normal, (self.bottleneck_dim, self.out_dim))
         # x @ (v / |v|_col) computed as (x @ v) / |v|_col: equal, but XLA CPU fused the normalised
         # [bottleneck, out_dim] matrix into the dot and ran it ~20x slower (benchmarks/NOTES.md).
         inv_norm = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(v), axis=0)), 1e-12)
-        xv = x @ v if self.dot_general is None else self.dot_general(x, v, (((1,), (0,)), ((), ())))
-        return xv * inv_norm
+        return (x @ v) * inv_norm
 
 
 class Student(nn.Module):
@@ -273,7 +272,7 @@ class Student(nn.Module):
     def setup(self):
         self.body = Body(self.cfg)
         self.heads = [DINOHead(self.cfg.out_dim, self.cfg.head_hidden_dim, self.cfg.head_bottleneck_dim,
-                               self.cfg.head_layers, self.cfg.dot_general)
+                               self.cfg.head_layers)
                       for _ in range(self.num_heads_out)]
 
     def __call__(self, tokens):
