@@ -7,6 +7,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from msd_jax import encrypt, shards, train
 from msd_jax.data import sites as sites_lib
@@ -141,25 +142,27 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
 
     kinds = parse_kinds(ev.features)
 
-    def probe(body) -> dict:
-        """{feature kind: {'knn': ..., 'linear': ...}} for every configured kind."""
+    def features(body) -> tuple[dict, dict]:
         kw = dict(mean=config.data.mean, std=config.data.std, batch_size=ev.batch_size)
-        f_train = extract_features(head_params, body, model_cfg, train_set.images, **kw)
-        f_test = extract_features(head_params, body, model_cfg, test_set.images, **kw)
+        return (extract_features(head_params, body, model_cfg, train_set.images, **kw),
+                extract_features(head_params, body, model_cfg, test_set.images, **kw))
+
+    def probe(f_train, f_test) -> dict:
+        """{feature kind: {'knn': ..., 'linear': ...}} for every configured kind."""
         return {k: evaluate_with_config(config, f_train[k], train_set.labels, f_test[k], test_set.labels,
                                         num_classes)
                 for k in kinds}
 
-    trained = probe(body_params)
+    f_train, f_test = features(body_params)
+    trained = probe(f_train, f_test)
     report = {"protocol": meta.get("protocol", config.protocol), "sites": _site_traffic(config, wd),
               "features": kinds[0], "eval": trained[kinds[0]], "eval_by_features": trained}
     if ev.random_init_baseline:
-        baseline = probe(train.init_student_params(config)["body"])
+        baseline = probe(*features(train.init_student_params(config)["body"]))
         report["baseline_random_init"] = baseline[kinds[0]]
         report["baseline_random_init_by_features"] = baseline
     if ev.get("per_site", True):
-        report["eval_by_site"] = _eval_by_site(config, head_params, body_params, model_cfg, data,
-                                               kinds[0], log)
+        report["eval_by_site"] = _eval_by_site(config, data, f_train[kinds[0]], f_test[kinds[0]], log)
     records = _read_records(wd)
     timing = {k: round(v["seconds"], 2) for k, v in records.items() if "seconds" in v}
     timing["eval"] = round(time.perf_counter() - t0, 2)
@@ -219,21 +222,21 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
     return report
 
 
-def _eval_by_site(config, head_params, body_params, model_cfg, data, kind: str, log) -> dict:
-    """{site: {'num_images', 'knn', 'linear'}}: probes fitted on one site's own labelled images
-    (feature `kind`), scored on the pooled test split: what each hospital gets with its own labels."""
-    ev = config.eval
-    kw = dict(mean=config.data.mean, std=config.data.std, batch_size=ev.batch_size)
-    f_test = extract_features(head_params, body_params, model_cfg, data.test.images, **kw)[kind]
-    out = {}
+def _eval_by_site(config, data, f_train: np.ndarray, f_test: np.ndarray, log) -> dict:
+    """{site: {'num_images', 'knn', 'linear'}}: probes fitted on one site's own labelled images,
+    scored on the pooled test split: what each hospital gets with its own labels. `f_train` holds the
+    features of `data.labelled_train`, which is the sites' images in site order."""
+    out, start = {}, 0
     for name, images in data.sites:
+        f_site, start = f_train[start:start + len(images)], start + len(images)
         if len(images) == 0:
             log(f"[eval] site {name!r} has no labelled images: left out of eval_by_site")
             continue
-        f_site = extract_features(head_params, body_params, model_cfg, images.images, **kw)[kind]
         r = evaluate_with_config(config, f_site, images.labels, f_test, data.test.labels,
                                  len(data.test.class_names))
         out[name] = {"num_images": len(images), **r}
+    if start != len(f_train):
+        raise ValueError(f"eval_by_site: {len(f_train)} labelled training features for {start} site images")
     return out
 
 
