@@ -6,6 +6,7 @@ from their definitions (half-pixel centres, triangle kernel widened by the shrin
 padding); the baselines' steps are checked against the project's MSD step (msd/step.py) and the
 DINO loss recomputed by tests/np_reference.py."""
 
+import json
 import os
 import subprocess
 import sys
@@ -245,6 +246,70 @@ def test_resized_pos_embed():
 
 def _images(n, seed=0):
     return np.random.default_rng(seed).random((n, IMG, IMG, 1)).astype(np.float32)
+
+
+DP_CENTRALIZED = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_baselines as tb
+from msd_jax.baselines import centralized, pixel_views as pv
+from msd_jax.models import vit
+from msd_jax.msd import step as step_lib
+
+out = {}
+for pixel in (False, True):
+    c = tb.tiny_config(train=dict(batch_size=16))
+    cfg = vit.ViTConfig.from_config(c.model)
+    b = 16
+    sc = step_lib.StepConfig.from_config(c, cfg.num_patches, 10, 5, b)
+    params, pos = centralized.initial_params(c, cfg)
+    pc = pv.PixelViewConfig.from_config(c) if pixel else None
+    fn = centralized.make_ssl_step(cfg, sc, pos, mean=0.5, std=0.25, pixel=pc)
+    imgs, ids, key = tb._images(b), np.arange(b, dtype=np.int32), jax.random.key(5)
+    runs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = step_lib.make_mesh(devices)
+        state = step_lib.replicate(mesh, step_lib.init_state(params, 1, cfg.out_dim, sc))
+        args = (state,) + tuple(step_lib.shard_batch(mesh, imgs, ids)) + (key,)
+        compiled = step_lib.jit_train_step(fn, mesh).lower(*args).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        new, m = compiled(*args)
+        leaves = [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(jax.device_get(new.params))]
+        runs.append(dict(flops=float(cost["flops"]), loss=float(m["loss"]), params=leaves))
+    start = [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(jax.device_get(params))]
+    out["pixel" if pixel else "token"] = dict(runs=runs, start=start, lr=float(sc.lr))
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def test_centralized_step_is_data_parallel(tmp_path):
+    """The centralized-MSD and pixel-DINO steps on 8 fake CPU devices: each device computes about
+    an eighth of the step's FLOPs (views kept batch-major; a view-major layout made XLA gather the
+    views and run the whole step everywhere), with the single-device step's loss and update."""
+    script = tmp_path / "dp_centralized.py"
+    script.write_text(DP_CENTRALIZED)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+    proc = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)),
+                           str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    for kind, r in out.items():
+        one, eight = r["runs"]
+        assert eight["flops"] < 0.3 * one["flops"], (kind, one["flops"], eight["flops"])
+        np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-5, err_msg=kind)
+        assert len(one["params"]) == len(eight["params"]) == len(r["start"]) > 10
+        a = np.concatenate([np.ravel(x) for x in one["params"]])
+        b = np.concatenate([np.ravel(x) for x in eight["params"]])
+        p0 = np.concatenate([np.ravel(x) for x in r["start"]])
+        assert np.abs(a - p0).max() > 0.5 * r["lr"]  # the step did move the parameters
+        # Adam's first step divides by |g| + 1e-8: where a gradient is near 1e-8 (the key bias, whose
+        # exact gradient is 0) the summation order (one device or eight) shows, by at most a flipped
+        # step (2 lr); all but a handful of elements are equal to float32 rounding
+        assert np.abs(b - a).max() <= 2 * r["lr"], kind
+        assert np.mean(np.abs(b - a) > 2e-5) < 1e-3, (kind, np.sum(np.abs(b - a) > 2e-5), a.size)
 
 
 def test_centralized_msd_step_equals_project_step_on_the_body():

@@ -72,26 +72,34 @@ def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, 
     student = vit.Student(model_cfg, 1)
     pos_embed = jnp.asarray(pos_embed)
 
-    def split_views(logits, num_views):  # [H, V*B, K] -> [H, V, B, K]
-        h, vb, k = logits.shape
-        return logits.reshape(h, num_views, vb // num_views, k)
+    # Views stay batch-major ([B, V, ...] flattened to [B*V, ...]) so the batch axis, sharded on a
+    # mesh, is never mixed with the view axis: XLA keeps the step data-parallel (a view-major
+    # flattening made it all-gather the views and run the whole step on every device).
+    def flat(views):  # [B, V, ...] -> [B*V, ...]
+        return views.reshape((-1,) + views.shape[2:])
+
+    def split_views(logits, num_views):  # [H, B*V, K] -> [H, V, B, K]
+        h, bv, k = logits.shape
+        return logits.reshape(h, bv // num_views, num_views, k).swapaxes(1, 2)
 
     def step_fn(state: step_lib.TrainState, images, example_ids, key):
         hp = step_lib.schedule_values(sc, state.step)
         step_key = jax.random.fold_in(key, state.step)
         if pixel is not None:
-            g_imgs, l_imgs = pv_lib.make_pixel_views(step_key, images, example_ids, pixel)
+            g_imgs, l_imgs = pv_lib.make_pixel_views(step_key, images, example_ids, pixel,
+                                                     view_major=False)
 
             def views(params):
-                g = embed(model_cfg, params["patch_embed"], pos_embed, g_imgs, mean, std)
+                g = embed(model_cfg, params["patch_embed"], pos_embed, flat(g_imgs), mean, std)
                 l = None if l_imgs is None else embed(model_cfg, params["patch_embed"], pos_embed,
-                                                      l_imgs, mean, std)
+                                                      flat(l_imgs), mean, std)
                 return g, l
         else:
             def views(params):
                 tokens = embed(model_cfg, params["patch_embed"], pos_embed, images, mean, std)
-                return views_lib.make_views(step_key, tokens, example_ids, sc.num_global,
-                                            sc.size_global, sc.num_local, sc.size_local)
+                g, l = views_lib.make_views(step_key, tokens, example_ids, sc.num_global, sc.size_global,
+                                            sc.num_local, sc.size_local, view_major=False)
+                return flat(g), None if l is None else flat(l)
 
         t_g, _ = views(state.ema_params)
         t_logits = student.apply({"params": state.ema_params["student"]}, t_g)

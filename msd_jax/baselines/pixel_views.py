@@ -247,10 +247,11 @@ def augment_view(key: jax.Array, image: jax.Array, out_size: int, scale: Tuple[f
 
 
 def make_pixel_views(key: jax.Array, images: jax.Array, example_ids: jax.Array,
-                     pc: PixelViewConfig) -> Tuple[jax.Array, Optional[jax.Array]]:
+                     pc: PixelViewConfig, view_major: bool = True) -> Tuple[jax.Array, Optional[jax.Array]]:
     """images [B, H, W, C] in [0, 1] -> view-major global views [G*B, Sg, Sg, C] and local views
-    [L*B, Sl, Sl, C] (None when L == 0), the order of msd/views.py (view v of example b at v*B + b).
-    Example b's views depend only on (key, example_ids[b])."""
+    [L*B, Sl, Sl, C] (None when L == 0), the order of msd/views.py (view v of example b at v*B + b);
+    with `view_major=False` [B, G, Sg, Sg, C] and [B, L, Sl, Sl, C], which keeps the batch axis
+    first (sharded on a mesh). Example b's views depend only on (key, example_ids[b])."""
     def one(image, example_id):
         kg, kl = jax.random.split(jax.random.fold_in(key, example_id))
         gkeys = jax.random.split(kg, pc.num_global)
@@ -264,10 +265,12 @@ def make_pixel_views(key: jax.Array, images: jax.Array, example_ids: jax.Array,
         return g, l
 
     g, l = jax.vmap(one)(images, example_ids)   # [B, V, S, S, C]
+    if not view_major:
+        return g, l
 
-    def view_major(v):
+    def to_view_major(v):
         return None if v is None else jnp.swapaxes(v, 0, 1).reshape((-1,) + v.shape[2:])
-    return view_major(g), view_major(l)
+    return to_view_major(g), to_view_major(l)
 
 
 def light_views(key: jax.Array, images: jax.Array, example_ids: jax.Array, out_size: int,
