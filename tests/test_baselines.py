@@ -7,9 +7,6 @@ padding); the baselines' steps are checked against the project's MSD step (msd/s
 DINO loss recomputed by tests/np_reference.py."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +20,7 @@ from msd_jax.config import base_config
 from msd_jax.data.sources import ImageSet
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
+from fake_devices import run_script
 from np_reference import np_dino_loss
 
 IMG, PATCH, DIM, OUT = 16, 4, 32, 64
@@ -288,13 +286,7 @@ def test_centralized_step_is_data_parallel(tmp_path):
     """The centralized-MSD and pixel-DINO steps on 8 fake CPU devices: each device computes about
     an eighth of the step's FLOPs (views kept batch-major; a view-major layout made XLA gather the
     views and run the whole step everywhere), with the single-device step's loss and update."""
-    script = tmp_path / "dp_centralized.py"
-    script.write_text(DP_CENTRALIZED)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-    proc = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)),
-                           str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_script(tmp_path, DP_CENTRALIZED, 8, tmp_path / "out.json")
     out = json.loads((tmp_path / "out.json").read_text())
     for kind, r in out.items():
         one, eight = r["runs"]
@@ -432,13 +424,7 @@ np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree_util.tree_leaves(out)])
 def test_pixel_dino_on_a_two_device_mesh_matches_one_device(tmp_path):
     """Batch sharded on 'data' over 2 fake CPU devices (a subprocess: the flag must precede jax's
     import): views are keyed by example id, so the result is the single-device one."""
-    script = tmp_path / "dp.py"
-    script.write_text(DP_SCRIPT)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
-    res = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)),
-                          str(tmp_path / "dp2.npz")], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    res = run_script(tmp_path, DP_SCRIPT, 2, tmp_path / "dp2.npz")
     assert "on 2 cpu device(s)" in res.stdout
     a = np.load(tmp_path / "dp2.npz")
     ref = jax.tree_util.tree_leaves(tiny_run("pixel_dino")[0])

@@ -8,9 +8,6 @@ and EMA arithmetic are redone here in numpy (float64) or plain jnp."""
 
 import functools
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -22,6 +19,7 @@ from msd_jax.config import base_config
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 from msd_jax.msd import views as views_lib
+from fake_devices import run_script
 from np_reference import np_dino_loss, np_softmax
 
 N_TOKENS, DIM, OUT = 16, 32, 64
@@ -362,13 +360,7 @@ def test_data_parallel_matches_single_device(three_steps, tmp_path):
     """The same 3 steps on 8 fake CPU devices (a subprocess: the flag must precede jax's import)
     give the single-device result of the `three_steps` fixture (8 examples: one per device)."""
     assert three_steps["batch_devices"] == 1
-    script = tmp_path / "dp.py"
-    script.write_text(DP_SCRIPT)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-    out = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)),
-                          str(tmp_path / "dp8.npz")], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    run_script(tmp_path, DP_SCRIPT, 8, tmp_path / "dp8.npz", timeout=300)
     a = np.load(tmp_path / "dp8.npz")
     last = three_steps["states"][-1]
     ref = jax.tree_util.tree_leaves((last.params, last.ema_params, last.center))
