@@ -48,7 +48,8 @@ class ViTConfig:
     # operands of the body's dense layers when dtype is float32: 'bfloat16' rounds them to bfloat16
     # and accumulates in float32 (a TPU's default matmul precision; ~1.5x faster steps on CPUs with
     # AVX512-BF16, see models/matmul.py). The DINO head stays float32: its output is sharpened by
-    # the teacher temperature (/0.04), which would magnify the rounding, and it is ~2 % of the FLOPs
+    # the teacher temperature (/0.04), which would magnify the rounding, and it is ~2 % of the
+    # demo's FLOPs (counted by hand)
     matmul_dtype: str = "float32"
 
     @property
