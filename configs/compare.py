@@ -1,4 +1,4 @@
-"""Every protocol and baseline at one compute budget, over several seeds (msd_jax/compare.py).
+"""Every protocol and baseline at one compute budget, over several seeds (msd_jax/experiments/compare.py).
 
   python -m msd_jax.main --config configs/compare.py --workdir DIR                     # one GPU
   python -m msd_jax.main --config configs/compare.py --config.quick=True --workdir DIR # 2 CPU cores
@@ -32,13 +32,13 @@ def get_config(arg=None):
     c.train.log_every = 50
     c.train.checkpoint_every = 200
     c.eval.random_init_baseline = False  # no_pretraining is its own row
-    # fine-tuning lr per 256 images (eval/finetune.py reads eval.finetune_*; its default is 1e-3):
+    # fine-tuning lr per 256 images (evaluation/finetune.py reads eval.finetune_*; its default is 1e-3):
     # measured on a quick-mode token-upload backbone, 150 steps: 1e-3 -> 0.642 test accuracy, 4e-3 ->
     # 0.687 (layer decay 0.75), so every row is fine-tuned at 4e-3
     c.eval.finetune_lr = 4e-3
     c.compare = ml_collections.ConfigDict(dict(
         seeds=3,                  # seeds config.seed, +1, ...: partition, head and every key change
-        rows=ROWS,                # comma-separated subset of msd_jax.compare.ROWS
+        rows=ROWS,                # comma-separated subset of msd_jax.experiments.compare.ROWS
         budget_steps=600,         # the budget: token-upload server steps x batch x views per image
         merge_frac=0.25,          # model upload: share of the budget spent on the one-shot merge
         site_split="size",        # model upload / local only: site steps 'size'-proportional or 'equal'

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from msd_jax.baselines import settings as baseline_settings
-
 PROTOCOLS = ("token_upload", "model_upload")
 MODES = ("all", "setup", "encrypt", "site", "server", "eval")
 # what `python -m msd_jax.main` runs: the single-round pipeline (by --mode), the comparison of every
@@ -117,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=256,
         random_init_baseline=True,
         per_site=True,            # also probes fitted on each site's own labelled images alone
-        # full fine-tuning (eval/finetune.py; the comparison's fine-tune column): a new linear head on
+        # full fine-tuning (evaluation/finetune.py; the comparison's fine-tune column): a new linear head on
         # finetune_features ('' = the first kind of `features`), AdamW, warm-up + cosine, layer-wise
         # lr decay (1.0 = one lr), random-resized-crop (scale range) + flip
         finetune_batch_size=64,
@@ -128,9 +126,30 @@ def base_config() -> ml_collections.ConfigDict:
         finetune_features="",
         finetune_init="random",   # new head at N(0, 0.01^2), or 'linear_probe' (LP-FT)
     ))
-    # the centralized and supervised baselines' pixel augmentations (msd_jax/baselines/settings.py
-    # holds each key's meaning)
-    c.baselines = ml_collections.ConfigDict(dict(baseline_settings.DEFAULTS))
+    c.baselines = ml_collections.ConfigDict(dict(
+        # the centralized baselines' multi-crop (DINO): random-resized-crop scale ranges (share of
+        # the image area) and the local crops' size
+        global_scale=(0.4, 1.0),
+        local_scale=(0.05, 0.4),
+        local_size=0,             # 0: image_size // 2 rounded to a multiple of patch_size (>= patch)
+        crop_ratio=(3.0 / 4.0, 4.0 / 3.0),  # aspect-ratio range (log-uniform), as torchvision
+        flip_prob=0.5,            # horizontal flip
+        # intensity jitter suited to grayscale MRI (on [0, 1] images, before normalisation)
+        jitter_prob=0.8,          # applied with this probability per view (DINO's colour-jitter p)
+        brightness=0.4,           # multiplicative factor in [1 - b, 1 + b]
+        contrast=0.4,             # around the view mean, factor in [1 - c, 1 + c]
+        gamma=0.3,                # x ** g, log g uniform in [-log(1 + g), log(1 + g)]
+        saturation=0.2,           # RGB only: blend with the grey image, factor in [1 - s, 1 + s]
+        grayscale_prob=0.2,       # RGB only: random grey conversion
+        global_blur_probs=(1.0, 0.1),  # DINO: first global view always blurred, second 10 %
+        local_blur_prob=0.5,
+        blur_sigma=(0.1, 1.0),    # pixels (DINO's (0.1, 2.0) at 224 px, scaled down for 32-64 px)
+        noise_prob=0.0,           # optional additive gaussian noise
+        noise_std=0.03,
+        # supervised baseline: light augmentation
+        supervised_scale=(0.6, 1.0),
+        supervised_weight_decay=0.05,
+    ))
 
     c.audit = ml_collections.ConfigDict(dict(
         # privacy audit (configs/audit.py): every attack against every mode
@@ -185,9 +204,9 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
     if not 0 < c.train.collapse_max_entropy_frac <= 1:
         raise ValueError(f"config.train.collapse_max_entropy_frac: expected in (0, 1], got "
                          f"{c.train.collapse_max_entropy_frac}")
-    from msd_jax.eval.features import parse_kinds  # noqa: PLC0415 (keeps `import config` light)
+    from msd_jax.evaluation.features import parse_kinds  # noqa: PLC0415 (keeps `import config` light)
     parse_kinds(c.eval.features)
-    from msd_jax.privacy.modes import parse_mode  # noqa: PLC0415
+    from msd_jax.encryption.modes import parse_mode  # noqa: PLC0415
     parse_mode(c.encrypt.mode)
     _check_choice(c.encrypt.shared_key_source, ("seed", "urandom"), "encrypt.shared_key_source")
     if not 0 < c.encrypt.masked_keep_ratio < 1:

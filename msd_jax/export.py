@@ -19,16 +19,16 @@ from typing import Optional
 
 import numpy as np
 
-from msd_jax.federation import model_io
+from msd_jax.protocols import model_io
 from msd_jax.models import vit
-from msd_jax.privacy import modes as modes_lib
+from msd_jax.encryption import modes as modes_lib
 
 FORMATS = ("npz", "torch")
 DEFAULT_NAMES = {"npz": "timm_vit.npz", "torch": "timm_vit.pt"}
 BACKBONE_META = "backbone.json"
 FEATURE = ("CLS token of the final LayerNorm output (timm: model(x) with num_classes=0 and "
            "global_pool='token', i.e. forward_features(x)[:, 0]); the 'avgpool' feature of "
-           "msd_jax.eval is forward_features(x)[:, 1:].mean(1), 'cls_avgpool' their concatenation")
+           "msd_jax.evaluation is forward_features(x)[:, 1:].mean(1), 'cls_avgpool' their concatenation")
 
 
 class ExportError(ValueError):

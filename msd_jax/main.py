@@ -37,11 +37,11 @@ def main(argv):
     os.makedirs(wd.root, exist_ok=True)
     mode = FLAGS.mode
     if config.job == "compare":
-        from msd_jax import compare
+        from msd_jax.experiments import compare
         compare.run_compare(config, wd.root)
         return
     if config.job == "audit":
-        from msd_jax.privacy import audit
+        from msd_jax.experiments.privacy import audit
         audit.run_audit(config, wd.root)
         return
 

@@ -9,14 +9,15 @@ import time
 import jax
 import numpy as np
 
-from msd_jax import encrypt, shards, train
+from msd_jax.encryption import encrypt, shards
+from msd_jax.training import train
 from msd_jax.data import sites as sites_lib
-from msd_jax.eval import evaluate_with_config
-from msd_jax.eval.features import extract_features, parse_kinds
-from msd_jax.federation import model_io, model_upload, token_upload
+from msd_jax.evaluation import evaluate_with_config
+from msd_jax.evaluation.features import extract_features, parse_kinds
+from msd_jax.protocols import model_io, model_upload, token_upload
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
-from msd_jax.privacy import modes as modes_lib
+from msd_jax.encryption import modes as modes_lib
 
 
 def _record(wd: Workdir, phase: str, **fields) -> None:
@@ -196,13 +197,13 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
     plot_dir = os.path.join(wd.root, "plots")
     try:
         if metrics:
-            from msd_jax import plots as plots_lib  # noqa: PLC0415 (matplotlib only when plotting)
+            from msd_jax.evaluation import plots as plots_lib  # noqa: PLC0415 (matplotlib only when plotting)
             plots.append(plots_lib.training_curves(metrics, os.path.join(plot_dir, "training_curves.png")))
     except Exception as e:  # noqa: BLE001
         log(f"[eval] training curves not drawn: {type(e).__name__}: {e}")
     try:
         if len(test_set):
-            from msd_jax import plots as plots_lib  # noqa: PLC0415
+            from msd_jax.evaluation import plots as plots_lib  # noqa: PLC0415
             out = os.path.join(plot_dir, "attention.png")
             plots_lib.attention_maps(head_params, body_params, model_cfg, test_set.images[:8], out,
                                      mean=config.data.mean, std=config.data.std, num=8)
@@ -211,7 +212,7 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
         log(f"[eval] attention maps not drawn: {type(e).__name__}: {e}")
     try:
         if report.get("eval_by_site"):
-            from msd_jax import plots as plots_lib  # noqa: PLC0415
+            from msd_jax.evaluation import plots as plots_lib  # noqa: PLC0415
             plots.append(plots_lib.site_accuracy(
                 report["eval_by_site"], report["eval"], report.get("baseline_random_init"),
                 os.path.join(plot_dir, "site_accuracy.png"), feature=kinds[0]))
@@ -242,7 +243,7 @@ def _eval_by_site(config, data, f_train: np.ndarray, f_test: np.ndarray, log) ->
 
 def _tensorboard_eval(wd: Workdir, report: dict) -> None:
     """The report's accuracies and AUCs as scalars under WORKDIR/tensorboard/eval/ (step 0)."""
-    from msd_jax.tensorboard import ScalarWriter  # noqa: PLC0415
+    from msd_jax.training.tensorboard import ScalarWriter  # noqa: PLC0415
     with ScalarWriter(wd.tensorboard("eval")) as w:
         w.eval_results(report["eval_by_features"], "eval/")
         w.eval_results(report.get("baseline_random_init_by_features", {}), "eval_random_init/")

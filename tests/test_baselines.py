@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msd_jax import train as train_lib
-from msd_jax.baselines import centralized, loop, pixel_views as pv, supervised
-from msd_jax.baselines.settings import DEFAULTS, setting
+from msd_jax.training import train as train_lib
+from msd_jax.protocols import centralized, supervised
+from msd_jax.training import loop
+from msd_jax.data import pixel_views as pv
 from msd_jax.config import base_config
 from msd_jax.data.sources import ImageSet
 from msd_jax.models import vit
@@ -207,27 +208,20 @@ def test_views_shapes_range_and_determinism(channels):
 def test_local_size_and_config_errors():
     assert [pv.default_local_size(s, p) for s, p in ((32, 8), (64, 8), (224, 16), (16, 8), (8, 8))] == \
         [16, 32, 112, 8, 8]
-    c = tiny_config()
-    c.baselines = {"local_size": 6}
-    with pytest.raises(ValueError, match=r"config\.baselines\.local_size"):
-        pv.PixelViewConfig.from_config(c)
-    c.baselines = {"global_scale": (0.9, 0.4)}
-    with pytest.raises(ValueError, match=r"config\.baselines\.global_scale"):
-        pv.PixelViewConfig.from_config(c)
-    c.baselines = {"flip_prob": 1.5}
-    with pytest.raises(ValueError, match=r"config\.baselines\.flip_prob"):
-        pv.PixelViewConfig.from_config(c)
-    assert setting(tiny_config(), "local_scale") == DEFAULTS["local_scale"]
+    for key, bad in (("local_size", 6), ("global_scale", (0.9, 0.4)), ("flip_prob", 1.5)):
+        c = tiny_config(baselines={key: bad})
+        with pytest.raises(ValueError, match=rf"config\.baselines\.{key}"):
+            pv.PixelViewConfig.from_config(c)
 
 
 def test_resized_pos_embed():
     pos = jnp.asarray(vit.sincos_pos_embed(DIM, 4))[None]
-    np.testing.assert_array_equal(np.asarray(centralized.resized_pos_embed(pos, 4, 4)), np.asarray(pos))
+    np.testing.assert_array_equal(np.asarray(vit.resized_pos_embed(pos, 4, 4)), np.asarray(pos))
     # a table linear in the position stays linear at the coarse grid's half-pixel centres wherever
     # the 4-tap cubic kernel lies inside the grid (coarse points 1, 2 of 8 -> 4); constants stay
     ys, xs = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
     lin = np.stack([ys, xs, ys + 2 * xs, np.ones_like(ys)], -1).reshape(1, 64, 4)
-    out = np.asarray(centralized.resized_pos_embed(jnp.asarray(lin, jnp.float32), 8, 4)).reshape(4, 4, 4)
+    out = np.asarray(vit.resized_pos_embed(jnp.asarray(lin, jnp.float32), 8, 4)).reshape(4, 4, 4)
     centre = (np.arange(4) + 0.5) * 2 - 0.5     # coarse pixel centres in fine-grid index coordinates
     inner = slice(1, 3)
     np.testing.assert_allclose(out[inner, inner, 0], np.broadcast_to(centre[inner, None], (2, 2)), atol=1e-5)
@@ -251,7 +245,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 import test_baselines as tb
-from msd_jax.baselines import centralized, pixel_views as pv
+from msd_jax.protocols import centralized
+from msd_jax.data import pixel_views as pv
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 
@@ -351,7 +346,7 @@ def test_pixel_dino_step_loss_is_dino_loss_of_pixel_views():
 
     def tokens(v):
         grid = v.shape[1] // PATCH
-        p = centralized.resized_pos_embed(jnp.asarray(pos), cfg.grid, grid)
+        p = vit.resized_pos_embed(jnp.asarray(pos), cfg.grid, grid)
         patches = vit.patchify((v - 0.5) / 0.25, PATCH)
         return patches @ params["patch_embed"]["kernel"] + params["patch_embed"]["bias"] + p
 

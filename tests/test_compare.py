@@ -1,4 +1,4 @@
-"""The comparison command (msd_jax/compare.py, configs/compare.py): the budget split, the
+"""The comparison command (msd_jax/experiments/compare.py, configs/compare.py): the budget split, the
 aggregation, and every row end to end on tiny ImageFolder trees.
 
 References are independent of the code under test: budgets recomputed from the config numbers and
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msd_jax import compare
+from msd_jax.experiments import compare
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def load_config(arg=None):
     spec = importlib.util.spec_from_file_location("compare_config_for_tests",
-                                                  os.path.join(REPO, "configs", "compare.py"))
+                                                  os.path.join(REPO, "configs", "experiments/compare.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(arg)

@@ -1,4 +1,4 @@
-"""Tests for msd_jax.encrypt: the fixed head, the per-image secret permutations, the head file.
+"""Tests for msd_jax.encryption.encrypt: the fixed head, the per-image secret permutations, the head file.
 
 Plain head tokens are recomputed in numpy (patchify + linear + position embedding) and encrypted
 rows are matched back to them, so a permutation is checked without trusting the code under test.
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from msd_jax import encrypt, shards
+from msd_jax.encryption import encrypt, shards
 from msd_jax.data.sites import FederatedData
 from msd_jax.data.sources import ImageSet
 from msd_jax.layout import Workdir

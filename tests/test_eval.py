@@ -1,4 +1,4 @@
-"""Tests for msd_jax.eval (metrics, kNN probe, linear probe) against independent float64 numpy
+"""Tests for msd_jax.evaluation (metrics, kNN probe, linear probe) against independent float64 numpy
 references."""
 
 import math
@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from msd_jax.eval import evaluate_features
-from msd_jax.eval.knn import knn_predict
-from msd_jax.eval.linear import linear_probe
-from msd_jax.eval.metrics import accuracy, roc_auc
+from msd_jax.evaluation import evaluate_features
+from msd_jax.evaluation.knn import knn_predict
+from msd_jax.evaluation.linear import linear_probe
+from msd_jax.evaluation.metrics import accuracy, roc_auc
 
 
 # ---------------------------------------------------------------------------

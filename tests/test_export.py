@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from msd_jax import export
-from msd_jax.federation import model_io
+from msd_jax.protocols import model_io
 from msd_jax.models import vit
 
 CFG = vit.ViTConfig(image_size=16, patch_size=4, channels=3, embed_dim=16, depth=2, num_heads=2,

@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from msd_jax import encrypt
-from msd_jax.eval.features import extract_features, parse_kinds
+from msd_jax.encryption import encrypt
+from msd_jax.evaluation.features import extract_features, parse_kinds
 from msd_jax.models import vit
 
 CFG = vit.ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, out_dim=16,

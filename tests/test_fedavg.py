@@ -1,4 +1,4 @@
-"""FedAvg-MSD (federation/fedavg.py) and communication accounting (federation/comm.py).
+"""FedAvg-MSD (protocols/fedavg.py) and communication accounting (protocols/comm.py).
 
 References are independent of the code under test: plain `train.train` runs, numpy float64 averages,
 hand-computed numbers, and file sizes read with os.stat.
@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from msd_jax import encrypt, shards, train
-from msd_jax.federation import comm, fedavg, model_io
+from msd_jax.encryption import encrypt, shards
+from msd_jax.training import train
+from msd_jax.protocols import comm, fedavg, model_io
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
 

@@ -1,4 +1,4 @@
-"""Tests for msd_jax.eval.finetune: layer-wise lr decay, features, and full fine-tuning on a separable
+"""Tests for msd_jax.evaluation.finetune: layer-wise lr decay, features, and full fine-tuning on a separable
 set (beats chance, the loss falls, the head is trained only when asked)."""
 
 import jax
@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msd_jax.baselines import centralized
+from msd_jax.protocols import centralized
 from msd_jax.config import base_config
 from msd_jax.data.sources import ImageSet
-from msd_jax.eval import features as features_lib
-from msd_jax.eval import finetune as ft
-from msd_jax.eval.linear import linear_probe
+from msd_jax.evaluation import features as features_lib
+from msd_jax.evaluation import finetune as ft
+from msd_jax.training import classifier as classifier_lib
+from msd_jax.evaluation.linear import linear_probe
 from msd_jax.models import vit
 
 IMG, PATCH, DIM = 16, 4, 32
@@ -53,7 +54,7 @@ def test_layer_ids_and_scales():
     params = {"patch_embed": head["patch_embed"], "body": body,
               "classifier": {"kernel": np.zeros((DIM, 2)), "bias": np.zeros(2)}}
     scales = {jax.tree_util.keystr(p): v
-              for p, v in jax.tree_util.tree_flatten_with_path(ft.layer_scales(params, 2, 0.5))[0]}
+              for p, v in jax.tree_util.tree_flatten_with_path(classifier_lib.layer_scales(params, 2, 0.5))[0]}
     # depth 2: head / CLS at 0.5**3, block0 at 0.5**2, block1 at 0.5, final norm and classifier at 1
     assert scales["['patch_embed']['kernel']"] == 0.125
     assert scales["['body']['cls_token']"] == 0.125 and scales["['body']['cls_pos_embed']"] == 0.125
@@ -61,7 +62,7 @@ def test_layer_ids_and_scales():
     assert scales["['body']['block1']['mlp']['fc2']['bias']"] == 0.5
     assert scales["['body']['norm']['scale']"] == 1.0
     assert scales["['classifier']['kernel']"] == 1.0
-    assert set(jax.tree_util.tree_leaves(ft.layer_scales(params, 2, 1.0))) == {1.0}
+    assert set(jax.tree_util.tree_leaves(classifier_lib.layer_scales(params, 2, 1.0))) == {1.0}
 
 
 @pytest.mark.parametrize("kind", ["cls", "avgpool", "cls_avgpool"])
@@ -70,11 +71,11 @@ def test_pool_features_match_eval_features(kind):
     cfg, head, body = backbone(c)
     imgs = np.random.default_rng(0).random((3, IMG, IMG, 1)).astype(np.float32)
     ref = features_lib.extract_features(head, body, cfg, imgs, mean=0.5, std=0.25)[kind]
-    tokens = centralized.embed(cfg, head["patch_embed"], jnp.asarray(head["pos_embed"]), jnp.asarray(imgs),
+    tokens = vit.embed_images(cfg, head["patch_embed"], jnp.asarray(head["pos_embed"]), jnp.asarray(imgs),
                                0.5, 0.25)
-    out = ft.pool_features(vit.Body(cfg).apply({"params": body}, tokens), kind)
+    out = vit.pool_features(vit.Body(cfg).apply({"params": body}, tokens), kind)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
-    assert out.shape[1] == ft.feature_dim(cfg, kind)
+    assert out.shape[1] == vit.feature_dim(cfg, kind)
 
 
 def test_finetune_beats_chance_and_the_loss_falls():

@@ -109,8 +109,8 @@ def test_pipeline_notebook_reloaded_backbone(pipeline_run):
     workdir, _ = pipeline_run
     check = json.loads((workdir / "reload_check.json").read_text())
     assert check["features_equal"] == {"cls": True, "avgpool": True, "cls_avgpool": True}
-    from msd_jax.eval.features import extract_features
-    from msd_jax.federation import model_io
+    from msd_jax.evaluation.features import extract_features
+    from msd_jax.protocols import model_io
     from msd_jax.models import vit
 
     meta = json.loads((workdir / "backbone" / "backbone.json").read_text())
@@ -137,8 +137,8 @@ def test_features_notebook(pipeline_run, kernel_env, tmp_path):
 
     from PIL import Image
 
-    from msd_jax.eval.features import extract_features
-    from msd_jax.federation import model_io
+    from msd_jax.evaluation.features import extract_features
+    from msd_jax.protocols import model_io
     from msd_jax.models import vit
 
     meta = json.loads((backbone / "backbone.json").read_text())

@@ -1,4 +1,4 @@
-"""Tests for msd_jax.plots (training curves, CLS attention maps) and the collapse monitor."""
+"""Tests for msd_jax.evaluation.plots (training curves, CLS attention maps) and the collapse monitor."""
 import json
 import math
 import os
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msd_jax import plots, train
+from msd_jax.evaluation import plots
+from msd_jax.training import train
 from msd_jax.models import vit
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -264,7 +265,7 @@ def _eval_case(tmp_path):
     from msd_jax.config import base_config
     from msd_jax.data.sites import FederatedData
     from msd_jax.data.sources import ImageSet
-    from msd_jax.federation import model_io
+    from msd_jax.protocols import model_io
     from msd_jax.layout import Workdir
 
     c = base_config()
@@ -292,7 +293,7 @@ def _eval_case(tmp_path):
 
 def test_run_eval_by_site(tmp_path):
     from msd_jax import parties
-    from msd_jax.eval.features import extract_features
+    from msd_jax.evaluation.features import extract_features
     c, wd, data, cfg, head, body = _eval_case(tmp_path)
     report = parties.run_eval(c, wd, data, log=lambda *_: None)
     by_site = report["eval_by_site"]

@@ -1,4 +1,4 @@
-"""Tests for msd_jax.privacy: image metrics against hand-computed values, each attack against a
+"""Tests for msd_jax.experiments.privacy: image metrics against hand-computed values, each attack against a
 plaintext case it must break and pure noise it must not, the encryption modes (determinism, keys,
 what the server's files may hold) and a tiny end-to-end audit.
 
@@ -14,12 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from msd_jax import encrypt, shards
+from msd_jax.encryption import encrypt, shards
 from msd_jax.data.sites import FederatedData
 from msd_jax.data.sources import ImageSet
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
-from msd_jax.privacy import attacks, metrics, modes
+from msd_jax.experiments.privacy import attacks, metrics
+from msd_jax.encryption import modes
 
 CFG = vit.ViTConfig(image_size=16, patch_size=4, channels=1, embed_dim=32, depth=1, num_heads=2,
                     out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
@@ -376,7 +377,7 @@ def test_server_rejects_a_mode_mismatch(tmp_path):
 # end to end: the audit command's three files, the JSON's shape
 # ---------------------------------------------------------------------------------------------
 def test_tiny_audit_end_to_end(tmp_path, monkeypatch):
-    from msd_jax.privacy import audit
+    from msd_jax.experiments.privacy import audit
 
     c = _load_config("audit.py", "tiny")
     c.train.batch_size = 8

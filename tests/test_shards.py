@@ -1,4 +1,4 @@
-"""Tests for msd_jax.shards: the token shards + manifest a site uploads.
+"""Tests for msd_jax.encryption.shards: the token shards + manifest a site uploads.
 
 Every expected value is computed independently of the code under test: SHA-256 with hashlib, sizes
 with os.path.getsize, bfloat16 rounding with integer bit arithmetic in numpy.
@@ -11,8 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from msd_jax import shards
-from msd_jax.shards import ShardError, load_shards, read_manifest, shard_bytes, write_shards
+from msd_jax.encryption import shards
+from msd_jax.encryption.shards import ShardError, load_shards, read_manifest, shard_bytes, write_shards
 
 FP = "ab" * 32  # a head fingerprint (64 hex digits)
 

@@ -47,7 +47,7 @@ def build(c, batch, total_steps=100, steps_per_epoch=10, num_heads_out=1, merge=
     params = jax.device_get(jax.jit(lambda k: vit.init_student(cfg, k, num_heads_out))(jax.random.key(seed)))
     mesh = step_lib.make_mesh()
     fn = step_lib.jit_train_step(step_lib.make_train_step(cfg, sc, num_heads_out, merge), mesh, merge)
-    # placed on the mesh as train.py does (an unplaced first state would make the second call retrace)
+    # placed on the mesh as training/train.py does (an unplaced first state would make the second call retrace)
     state = step_lib.replicate(mesh, step_lib.init_state(params, num_heads_out, OUT, sc))
     return cfg, sc, params, fn, state, mesh
 

@@ -10,7 +10,7 @@ import pytest
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
-from msd_jax import tensorboard, train
+from msd_jax.training import tensorboard, train
 from msd_jax.layout import Workdir
 
 

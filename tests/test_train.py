@@ -1,4 +1,4 @@
-"""Tests for msd_jax.train: Orbax checkpoints, kill-and-resume, divergence, batches, metrics.
+"""Tests for msd_jax.training.train: Orbax checkpoints, kill-and-resume, divergence, batches, metrics.
 
 A tiny model (16 tokens of 16 dims, one block, no local views) keeps each compile to seconds;
 the runs every test needs are made once per module.
@@ -14,8 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from msd_jax import train
-from msd_jax.train import (BatchOrder, CheckpointMismatchError, TrainingDivergedError,
+from msd_jax.training import train
+from msd_jax.training.train import (BatchOrder, CheckpointMismatchError, TrainingDivergedError,
                            batch_size_for)
 
 N, T, D = 10, 16, 16

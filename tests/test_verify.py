@@ -1,4 +1,4 @@
-"""Tests for `python -m msd_jax.verify`: the arrival check of uploaded shards (docs/hospitals.md).
+"""Tests for `python -m msd_jax.encryption.verify`: the arrival check of uploaded shards (docs/hospitals.md).
 
 A tiny work directory is built with the real writers (encrypt.save_head, shards.write_shards); the
 tests then corrupt it the ways a transfer can and check the verdict and the message.
@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from msd_jax import encrypt, shards, verify
+from msd_jax.encryption import encrypt, shards, verify
 from msd_jax.models import vit
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -123,7 +123,7 @@ def test_folder_without_shards_is_an_error(tmp_path):
 
 def test_command_line(tmp_path):
     _workdir(tmp_path)
-    cmd = [sys.executable, "-m", "msd_jax.verify", str(tmp_path)]
+    cmd = [sys.executable, "-m", "msd_jax.encryption.verify", str(tmp_path)]
     ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     shutil.copy(tmp_path / "shards" / "site0" / "tokens-00000.npy",

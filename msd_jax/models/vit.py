@@ -286,6 +286,49 @@ class Student(nn.Module):
 
 # jitted: flax's eager init dispatches op by op, ~4 s for the demo's student on a CPU (1.7 s with
 # the compile under jit, then cached; the same numbers bit for bit)
+# Features of the body output [B, 1 + n, D]: the final-norm CLS token, the mean of the final-norm
+# patch tokens, and their concatenation (DINO's linear-evaluation features for ViT-B). Both are
+# invariant to the token order, so the same for encrypted and plain tokens.
+FEATURE_KINDS = ("cls", "avgpool", "cls_avgpool")
+
+
+def pool_features(out: jax.Array, kind: str) -> jax.Array:
+    """Body output [B, 1 + n, D] -> the feature of `kind` ."""
+    cls, avg = out[:, 0], out[:, 1:].mean(axis=1)
+    if kind == "cls":
+        return cls
+    if kind == "avgpool":
+        return avg
+    if kind == "cls_avgpool":
+        return jnp.concatenate([cls, avg], axis=-1)
+    raise ValueError(f"feature kind: expected one of {list(FEATURE_KINDS)}, got {kind!r}")
+
+
+def feature_dim(model_cfg: ViTConfig, kind: str) -> int:
+    return 2 * model_cfg.embed_dim if kind == "cls_avgpool" else model_cfg.embed_dim
+
+
+def resized_pos_embed(pos: jax.Array, grid: int, new_grid: int) -> jax.Array:
+    """[1, grid*grid, D] -> [1, new_grid*new_grid, D], bicubic (no antialias, as torch's
+    F.interpolate in DINO); the identity when new_grid == grid."""
+    if new_grid == grid:
+        return pos
+    d = pos.shape[-1]
+    x = jax.image.resize(pos.reshape(grid, grid, d).astype(jnp.float32), (new_grid, new_grid, d),
+                         method="bicubic", antialias=False)
+    return x.reshape(1, new_grid * new_grid, d)
+
+
+def embed_images(model_cfg: ViTConfig, patch_embed, pos_embed, images, mean: float, std: float):
+    """Raw images [B, S, S, C] in [0, 1] (S any multiple of the patch) -> tokens [B, (S/p)^2, D]
+    through PatchHead with the fixed position embedding resized to the grid of S."""
+    size = images.shape[1]
+    cfg = dataclasses.replace(model_cfg, image_size=size)
+    pos = resized_pos_embed(jax.lax.stop_gradient(pos_embed), model_cfg.grid, cfg.grid)
+    x = (images - mean) / std  # the sites' pixel normalisation before the head
+    return PatchHead(cfg).apply({"params": {"patch_embed": patch_embed, "pos_embed": pos}}, x)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def init_head(cfg: ViTConfig, key: jax.Array) -> dict:
     dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)

@@ -23,7 +23,6 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from msd_jax.baselines.settings import setting
 
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
@@ -76,34 +75,34 @@ class PixelViewConfig:
     @classmethod
     def from_config(cls, config) -> "PixelViewConfig":
         """Sizes from config.model, view counts from config.msd, the rest from config.baselines."""
-        m = config.model
-        local_size = int(setting(config, "local_size")) or default_local_size(m.image_size, m.patch_size)
+        m, b = config.model, config.baselines
+        local_size = int(b.local_size) or default_local_size(m.image_size, m.patch_size)
         if local_size % m.patch_size or local_size < m.patch_size:
             raise ValueError(f"config.baselines.local_size={local_size}: expected a positive multiple "
                              f"of config.model.patch_size={m.patch_size} (or 0 for image_size // 2)")
-        probs = setting(config, "global_blur_probs")
+        probs = b.global_blur_probs
         probs = tuple(_prob(p, "global_blur_probs") for p in (probs if isinstance(probs, (tuple, list))
                                                                else (probs,)))
         if not probs:
             raise ValueError("config.baselines.global_blur_probs: expected at least one probability")
         pc = cls(
             num_global=int(config.msd.num_global), global_size=int(m.image_size),
-            global_scale=_pair(setting(config, "global_scale"), "global_scale", 0.0, 1.0),
+            global_scale=_pair(b.global_scale, "global_scale", 0.0, 1.0),
             num_local=int(config.msd.num_local), local_size=local_size,
-            local_scale=_pair(setting(config, "local_scale"), "local_scale", 0.0, 1.0),
-            crop_ratio=_pair(setting(config, "crop_ratio"), "crop_ratio", 1e-6),
-            flip_prob=_prob(setting(config, "flip_prob"), "flip_prob"),
-            jitter_prob=_prob(setting(config, "jitter_prob"), "jitter_prob"),
-            brightness=_prob(setting(config, "brightness"), "brightness"),
-            contrast=_prob(setting(config, "contrast"), "contrast"),
-            gamma=float(setting(config, "gamma")),
-            saturation=_prob(setting(config, "saturation"), "saturation"),
-            grayscale_prob=_prob(setting(config, "grayscale_prob"), "grayscale_prob"),
+            local_scale=_pair(b.local_scale, "local_scale", 0.0, 1.0),
+            crop_ratio=_pair(b.crop_ratio, "crop_ratio", 1e-6),
+            flip_prob=_prob(b.flip_prob, "flip_prob"),
+            jitter_prob=_prob(b.jitter_prob, "jitter_prob"),
+            brightness=_prob(b.brightness, "brightness"),
+            contrast=_prob(b.contrast, "contrast"),
+            gamma=float(b.gamma),
+            saturation=_prob(b.saturation, "saturation"),
+            grayscale_prob=_prob(b.grayscale_prob, "grayscale_prob"),
             global_blur_probs=probs,
-            local_blur_prob=_prob(setting(config, "local_blur_prob"), "local_blur_prob"),
-            blur_sigma=_pair(setting(config, "blur_sigma"), "blur_sigma", 1e-3),
-            noise_prob=_prob(setting(config, "noise_prob"), "noise_prob"),
-            noise_std=float(setting(config, "noise_std")),
+            local_blur_prob=_prob(b.local_blur_prob, "local_blur_prob"),
+            blur_sigma=_pair(b.blur_sigma, "blur_sigma", 1e-3),
+            noise_prob=_prob(b.noise_prob, "noise_prob"),
+            noise_std=float(b.noise_std),
         )
         if pc.global_scale[0] <= 0 or pc.local_scale[0] <= 0:
             raise ValueError("config.baselines.global_scale/local_scale: the low end must be > 0")

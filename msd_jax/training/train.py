@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from msd_jax import tensorboard
+from msd_jax.training import tensorboard
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 

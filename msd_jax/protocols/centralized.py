@@ -8,7 +8,7 @@ warm-up, last layer frozen for config.optim.freeze_last_layer_epochs), the same 
 the pipeline (head from party_key(seed, 'head'), student from party_key(seed, 'init')), batch
 config.train.batch_size, jit over the device mesh with the batch sharded on 'data'.
 
-- `train_pixel_dino`: DINO with pixel multi-crop views (baselines/pixel_views.py): config.msd.num_global
+- `train_pixel_dino`: DINO with pixel multi-crop views (data/pixel_views.py): config.msd.num_global
   global crops at image_size and config.msd.num_local local crops at config.baselines.local_size per
   image, so the student sees as many views per image per step as in token MSD.
 - `train_centralized_msd`: MSD with the project's token views (msd/views.py) of the unpermuted
@@ -22,11 +22,10 @@ and leaves the embedding fixed. (The sincos table of the small grid would instea
 crop the positions of the image's top-left corner.)
 
 The returned model is the teacher (EMA): {"head": {"patch_embed", "pos_embed"}, "body"}, the layout
-of the pipeline's backbone, so msd_jax.eval applies to it unchanged.
+of the pipeline's backbone, so msd_jax.evaluation applies to it unchanged.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -34,34 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from msd_jax import train as train_lib
-from msd_jax.baselines import loop
-from msd_jax.baselines import pixel_views as pv_lib
+from msd_jax.training import train as train_lib
+from msd_jax.training import loop
+from msd_jax.data import pixel_views as pv_lib
 from msd_jax.models import vit
 from msd_jax.msd import loss as loss_lib
 from msd_jax.msd import step as step_lib
 from msd_jax.msd import views as views_lib
-
-
-def resized_pos_embed(pos: jax.Array, grid: int, new_grid: int) -> jax.Array:
-    """[1, grid*grid, D] -> [1, new_grid*new_grid, D], bicubic (no antialias, as torch's
-    F.interpolate in DINO); the identity when new_grid == grid."""
-    if new_grid == grid:
-        return pos
-    d = pos.shape[-1]
-    x = jax.image.resize(pos.reshape(grid, grid, d).astype(jnp.float32), (new_grid, new_grid, d),
-                         method="bicubic", antialias=False)
-    return x.reshape(1, new_grid * new_grid, d)
-
-
-def embed(model_cfg: vit.ViTConfig, patch_embed, pos_embed, images, mean: float, std: float):
-    """Raw images [B, S, S, C] in [0, 1] (S any multiple of the patch) -> tokens [B, (S/p)^2, D]
-    through PatchHead with the fixed position embedding resized to the grid of S."""
-    size = images.shape[1]
-    cfg = dataclasses.replace(model_cfg, image_size=size)
-    pos = resized_pos_embed(jax.lax.stop_gradient(pos_embed), model_cfg.grid, cfg.grid)
-    x = (images - mean) / std  # encrypt.normalize
-    return vit.PatchHead(cfg).apply({"params": {"patch_embed": patch_embed, "pos_embed": pos}}, x)
 
 
 def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, *, mean: float,
@@ -90,13 +68,13 @@ def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, 
                                                      view_major=False)
 
             def views(params):
-                g = embed(model_cfg, params["patch_embed"], pos_embed, flat(g_imgs), mean, std)
-                l = None if l_imgs is None else embed(model_cfg, params["patch_embed"], pos_embed,
+                g = vit.embed_images(model_cfg, params["patch_embed"], pos_embed, flat(g_imgs), mean, std)
+                l = None if l_imgs is None else vit.embed_images(model_cfg, params["patch_embed"], pos_embed,
                                                       flat(l_imgs), mean, std)
                 return g, l
         else:
             def views(params):
-                tokens = embed(model_cfg, params["patch_embed"], pos_embed, images, mean, std)
+                tokens = vit.embed_images(model_cfg, params["patch_embed"], pos_embed, images, mean, std)
                 g, l = views_lib.make_views(step_key, tokens, example_ids, sc.num_global, sc.size_global,
                                             sc.num_local, sc.size_local, view_major=False)
                 return flat(g), None if l is None else flat(l)

@@ -1,11 +1,11 @@
 """Check uploaded shards on arrival, before the server trains on them.
 
-    python -m msd_jax.verify DIR [DIR ...] [--head HEAD_DIR]
+    python -m msd_jax.encryption.verify DIR [DIR ...] [--head HEAD_DIR]
 
 DIR is a site's shard folder (shards/<site>/, holding manifest.json), a folder of such folders
 (shards/), or a work directory (holding shards/ and usually head/). Every shard listed in each
 manifest is hashed and compared with the manifest's SHA-256, and its dtype and shape are checked:
-the same check the server runs when it loads the shards (msd_jax.shards.load_shards). With a head
+the same check the server runs when it loads the shards (msd_jax.encryption.shards.load_shards). With a head
 (--head, or the head/ folder of a work directory), the head file is checked against its own
 fingerprint and every manifest's head_fingerprint must equal it: shards encrypted with another
 head are useless to this server. In the secret modes (docs/privacy.md) the server has no head but
@@ -22,10 +22,10 @@ import os
 import sys
 from typing import Optional
 
-from msd_jax import shards
+from msd_jax.encryption import shards
 
-HEAD_META = "head.json"  # msd_jax.encrypt.HEAD_META (not imported: keeps this command free of jax)
-TRANSFORM_META = "transform.json"  # msd_jax.encrypt.TRANSFORM_META (secret modes)
+HEAD_META = "head.json"  # msd_jax.encryption.encrypt.HEAD_META (not imported: keeps this command free of jax)
+TRANSFORM_META = "transform.json"  # msd_jax.encryption.encrypt.TRANSFORM_META (secret modes)
 
 
 class VerifyError(ValueError):
@@ -75,13 +75,13 @@ def expected_fingerprint(head_dir: str) -> str:
 
 
 def head_fingerprint(head_dir: str) -> str:
-    """The head's fingerprint, after checking head.msgpack against it (msd_jax.encrypt.load_head)."""
+    """The head's fingerprint, after checking head.msgpack against it (msd_jax.encryption.encrypt.load_head)."""
     meta_path = os.path.join(os.path.abspath(head_dir), HEAD_META)
     if not os.path.isfile(meta_path):
         raise VerifyError(f"{meta_path}: no head here (expected the head/ folder the server distributed, "
                           f"with {HEAD_META}, or {TRANSFORM_META} in a secret mode)")
     meta = _read_json(meta_path)
-    from msd_jax import encrypt  # noqa: PLC0415 (jax only when a head is checked)
+    from msd_jax.encryption import encrypt  # noqa: PLC0415 (jax only when a head is checked)
     from msd_jax.models import vit  # noqa: PLC0415
     missing = [k for k in encrypt.HEAD_FIELDS if k not in meta]
     if missing:
@@ -103,7 +103,7 @@ def verify_dir(shard_dir: str, fingerprint: Optional[str] = None) -> dict:
 
 
 def main(argv=None, out=sys.stdout) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msd_jax.verify", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m msd_jax.encryption.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR",
                         help="a shard folder, a shards/ folder or a work directory")
     parser.add_argument("--head", default=None,

@@ -1,4 +1,4 @@
-"""The privacy audit: every attack (msd_jax/privacy/attacks.py) against every encryption mode
+"""The privacy audit: every attack (msd_jax/experiments/privacy/attacks.py) against every encryption mode
 (config.audit.modes), plus each mode's downstream cost, in one command:
 
   python -m msd_jax.main --config configs/audit.py --workdir DIR
@@ -27,12 +27,14 @@ import time
 import jax
 import numpy as np
 
-from msd_jax import encrypt, parties, shards, train
+from msd_jax.encryption import encrypt, shards
+from msd_jax import parties
+from msd_jax.training import train
 from msd_jax.data import sites as sites_lib
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
-from msd_jax.privacy import attacks
-from msd_jax.privacy import modes as modes_lib
+from msd_jax.experiments.privacy import attacks
+from msd_jax.encryption import modes as modes_lib
 
 ATTACKS = ("known_head", "learned", "clustering")
 ATTACKER_KEY_TAG = 0xA77AC3

@@ -1,5 +1,5 @@
 """The step loop the baselines share: batches from train.BatchOrder (a pure function of seed, party
-and step), optional Orbax checkpoints with resume (as train.py), progress lines and metrics JSONL
+and step), optional Orbax checkpoints with resume (as training/train.py), progress lines and metrics JSONL
 every config.train.log_every steps, and a clear error on a non-finite metric."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from msd_jax import train as train_lib
+from msd_jax.training import train as train_lib
 from msd_jax.msd import step as step_lib
 
 

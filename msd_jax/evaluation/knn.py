@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msd_jax.eval.metrics import _check_features, _check_labels, _check_num_classes
+from msd_jax.evaluation.metrics import _check_features, _check_labels, _check_num_classes
 
 __all__ = ["knn_predict"]
 

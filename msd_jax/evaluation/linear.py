@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from msd_jax.eval.knn import knn_predict
-from msd_jax.eval.metrics import (_check_features, _check_labels, _check_num_classes, accuracy,
+from msd_jax.evaluation.knn import knn_predict
+from msd_jax.evaluation.metrics import (_check_features, _check_labels, _check_num_classes, accuracy,
                                   roc_auc)
 
 __all__ = ["linear_probe", "evaluate_features"]

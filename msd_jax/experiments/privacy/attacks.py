@@ -34,7 +34,7 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve, solve_triangular
 from scipy.optimize import linear_sum_assignment
 
-from msd_jax.privacy import metrics
+from msd_jax.experiments.privacy import metrics
 
 
 # ---------------------------------------------------------------------------------------------

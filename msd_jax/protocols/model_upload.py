@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msd_jax import encrypt, shards, train
-from msd_jax.federation import model_io
-from msd_jax.federation.token_upload import load_uploaded_tokens
+from msd_jax.encryption import encrypt, shards
+from msd_jax.training import train
+from msd_jax.protocols import model_io
+from msd_jax.protocols.token_upload import load_uploaded_tokens
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
 

@@ -4,14 +4,14 @@
 
 For each seed k (config.seed + k changes the partition, the head and every key) and each row it runs
 the protocol in DIR/runs/<row>/seed<k>/ through the project's parties (run_encrypt, run_sites,
-run_server), FedAvg (federation/fedavg.py) or the baselines (msd_jax/baselines), evaluates the
+run_server), FedAvg (protocols/fedavg.py) or the baselines (msd_jax/baselines), evaluates the
 backbone with the same code for every row (kNN + linear probe on frozen features, full fine-tuning
 with a linear head), and writes DIR/runs/<row>/seed<k>/result.json atomically; a killed run skips the
 row-seeds whose result exists. Then DIR/comparison.json, .md and .png.
 
 The budget is counted in student image-views: (msd.num_global + msd.num_local) views x batch x
 steps. `plan_budget` splits one budget (compare.budget_steps server steps of token upload) among
-every protocol; bytes are measured on the files each protocol writes (federation/comm.py).
+every protocol; bytes are measured on the files each protocol writes (protocols/comm.py).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def check_config(config) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def _batch(requested: int, n: int) -> int:
-    from msd_jax import train  # noqa: PLC0415
+    from msd_jax.training import train  # noqa: PLC0415
     return train.batch_size_for(requested, n, 1)
 
 
@@ -167,8 +167,8 @@ def plan_budget(config, site_sizes: list[int], proxy_size: int | None = None,
 def evaluate_backbone(config, head, body, data) -> dict:
     """kNN + linear probe on the first feature kind of config.eval.features, fitted on the pooled
     labelled train split and scored on the test split: what parties.run_eval reports as "eval"."""
-    from msd_jax.eval import evaluate_with_config  # noqa: PLC0415
-    from msd_jax.eval.features import extract_features, parse_kinds  # noqa: PLC0415
+    from msd_jax.evaluation import evaluate_with_config  # noqa: PLC0415
+    from msd_jax.evaluation.features import extract_features, parse_kinds  # noqa: PLC0415
     from msd_jax.models import vit  # noqa: PLC0415
     ev = config.eval
     kind = parse_kinds(ev.features)[0]
@@ -182,7 +182,7 @@ def evaluate_backbone(config, head, body, data) -> dict:
 
 
 def _finetune(config, head, body, train_set, test_set, log) -> dict:
-    from msd_jax.eval.finetune import finetune_eval  # noqa: PLC0415
+    from msd_jax.evaluation.finetune import finetune_eval  # noqa: PLC0415
     c = config.compare
     r = finetune_eval(config, head, body, train_set, test_set, steps=int(c.finetune_steps),
                       train_head=bool(c.finetune_train_head), seed=config.seed, log=log)
@@ -229,12 +229,13 @@ def _row_config(config, **overrides):
 
 def _head(config, wd):
     """The head the sites apply (config.encrypt.mode): what a backbone is evaluated with."""
-    from msd_jax import encrypt, train  # noqa: PLC0415
+    from msd_jax.encryption import encrypt  # noqa: PLC0415
+    from msd_jax.training import train  # noqa: PLC0415
     return encrypt.site_head(config, wd.root, train.party_key(config.seed, "head"))[0]
 
 
 def _backbone(config, wd):
-    from msd_jax.federation import model_io  # noqa: PLC0415
+    from msd_jax.protocols import model_io  # noqa: PLC0415
     from msd_jax.models import vit  # noqa: PLC0415
     _, body, _ = model_io.load_backbone(wd.backbone, vit.ViTConfig.from_config(config.model))
     return [("server", _head(config, wd), body)]
@@ -242,7 +243,7 @@ def _backbone(config, wd):
 
 def _run_token_upload(config, wd, data, plan, log):
     from msd_jax import parties  # noqa: PLC0415
-    from msd_jax.federation import comm  # noqa: PLC0415
+    from msd_jax.protocols import comm  # noqa: PLC0415
     cfg = _row_config(config, **{"train.num_steps": plan["steps"]["server"]})
     cfg.protocol = "token_upload"
     parties.run_encrypt(cfg, wd, data, log=log)
@@ -253,7 +254,7 @@ def _run_token_upload(config, wd, data, plan, log):
 
 def _run_model_upload(config, wd, data, plan, log):
     from msd_jax import parties  # noqa: PLC0415
-    from msd_jax.federation import comm, model_io  # noqa: PLC0415
+    from msd_jax.protocols import comm, model_io  # noqa: PLC0415
     cfg = _row_config(config, **{"merge.num_steps": plan["steps"]["merge"]})
     cfg.protocol = "model_upload"
     parties.run_encrypt(cfg, wd, data, log=log)
@@ -267,8 +268,9 @@ def _run_model_upload(config, wd, data, plan, log):
 
 
 def _run_local_only(config, wd, data, plan, log):
-    from msd_jax import parties, train  # noqa: PLC0415
-    from msd_jax.federation import comm, model_io  # noqa: PLC0415
+    from msd_jax import parties  # noqa: PLC0415
+    from msd_jax.training import train  # noqa: PLC0415
+    from msd_jax.protocols import comm, model_io  # noqa: PLC0415
     from msd_jax.models import vit  # noqa: PLC0415
     cfg = _row_config(config, **{"merge.data": "uploaded"})  # no proxy set to encrypt
     cfg.protocol = "model_upload"
@@ -287,7 +289,7 @@ def _run_local_only(config, wd, data, plan, log):
 
 def _run_fedavg(config, wd, data, plan, log):
     from msd_jax import parties  # noqa: PLC0415
-    from msd_jax.federation import comm, fedavg  # noqa: PLC0415
+    from msd_jax.protocols import comm, fedavg  # noqa: PLC0415
     cfg = copy.deepcopy(config)
     cfg.protocol = "token_upload"  # sites encrypt their own images (the shards stay at the site)
     parties.run_encrypt(cfg, wd, data, log=log)
@@ -297,7 +299,7 @@ def _run_fedavg(config, wd, data, plan, log):
 
 
 def _pooled_raw(config, wd, data):
-    from msd_jax.federation import comm  # noqa: PLC0415
+    from msd_jax.protocols import comm  # noqa: PLC0415
     raw = os.path.join(wd.root, "raw_uploads")
     for name, s in data.sites:
         if not os.path.isfile(os.path.join(raw, name, comm.RAW_FILE)):
@@ -307,8 +309,8 @@ def _pooled_raw(config, wd, data):
 
 def _run_centralized(which):
     def run(config, wd, data, plan, log):
-        from msd_jax.baselines import centralized  # noqa: PLC0415
-        from msd_jax.federation import comm  # noqa: PLC0415
+        from msd_jax.protocols import centralized  # noqa: PLC0415
+        from msd_jax.protocols import comm  # noqa: PLC0415
         raw = _pooled_raw(config, wd, data)
         fn = centralized.train_pixel_dino if which == "dino" else centralized.train_centralized_msd
         out = fn(config, data.labelled_train.images, total_steps=plan["steps"]["server"],
@@ -319,14 +321,14 @@ def _run_centralized(which):
 
 
 def _run_no_pretraining(config, wd, data, plan, log):
-    from msd_jax import train  # noqa: PLC0415
+    from msd_jax.training import train  # noqa: PLC0415
     return [("random_init", _head(config, wd), train.init_student_params(config)["body"])], [], {}
 
 
 def _run_supervised(config, wd, data, plan, log):
-    from msd_jax.baselines import supervised  # noqa: PLC0415
-    from msd_jax.eval.metrics import accuracy, roc_auc  # noqa: PLC0415
-    from msd_jax.federation import comm  # noqa: PLC0415
+    from msd_jax.protocols import supervised  # noqa: PLC0415
+    from msd_jax.evaluation.metrics import accuracy, roc_auc  # noqa: PLC0415
+    from msd_jax.protocols import comm  # noqa: PLC0415
     raw = _pooled_raw(config, wd, data)
     params = supervised.train_supervised(config, data.labelled_train, total_steps=plan["steps"]["server"],
                                          log=log)
@@ -366,7 +368,7 @@ def _json_default(o):
 
 def run_row(config, row: str, run_dir: str, data, plan: dict, log=print) -> dict:
     """Trains and evaluates one row for one seed in `run_dir`; writes run_dir/result.json."""
-    from msd_jax.federation import comm  # noqa: PLC0415
+    from msd_jax.protocols import comm  # noqa: PLC0415
     from msd_jax.layout import Workdir  # noqa: PLC0415
     wd = Workdir(run_dir)
     os.makedirs(wd.root, exist_ok=True)

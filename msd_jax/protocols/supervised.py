@@ -15,22 +15,22 @@ from typing import Callable
 import jax
 import numpy as np
 
-from msd_jax import train as train_lib
-from msd_jax.baselines import centralized
-from msd_jax.baselines.settings import setting
-from msd_jax.eval import finetune as ft
+from msd_jax.training import train as train_lib
+from msd_jax.protocols import centralized
+from msd_jax.training import loop
+from msd_jax.training import classifier as classifier_lib
 from msd_jax.models import vit
 
 FEATURE = "cls"
 
 
-def _settings(config, num_classes: int, total_steps: int, batch: int) -> ft.ClassifierSettings:
+def _settings(config, num_classes: int, total_steps: int, batch: int) -> classifier_lib.ClassifierSettings:
     o = config.optim
-    return ft.ClassifierSettings(
+    return classifier_lib.ClassifierSettings(
         num_classes=num_classes, total_steps=int(total_steps), lr=o.lr * batch / 256.0,
         min_lr=o.min_lr, warmup_steps=int(round(o.warmup_frac * total_steps)),
-        weight_decay=float(setting(config, "supervised_weight_decay")), layer_decay=1.0,
-        clip_grad=o.clip_grad, crop_scale=tuple(float(v) for v in setting(config, "supervised_scale")),
+        weight_decay=float(config.baselines.supervised_weight_decay), layer_decay=1.0,
+        clip_grad=o.clip_grad, crop_scale=tuple(float(v) for v in config.baselines.supervised_scale),
         feature_kind=FEATURE, train_head=True, b1=o.b1, b2=o.b2)
 
 
@@ -44,7 +44,7 @@ def train_supervised(config, train_set, *, total_steps: int, log: Callable[[str]
     batch = min(config.train.batch_size, len(train_set))
     s = _settings(config, num_classes, total_steps, batch)
     head = {"patch_embed": init["patch_embed"], "pos_embed": pos}
-    params, _, _ = ft.train_classifier(
+    params, _, _ = classifier_lib.train_classifier(
         config, head, init["student"]["body"], train_set.images, train_set.labels, s,
         batch_size=config.train.batch_size, key=train_lib.party_key(config.seed, "supervised"),
         party="supervised", log=log)
@@ -60,11 +60,11 @@ def predict_supervised(config, params: dict, images) -> np.ndarray:
         if k not in params:
             raise ValueError(f"params: expected keys 'head', 'body', 'classifier' (train_supervised's "
                              f"output), missing {k!r}")
-    images = centralized.loop.check_images(images, model_cfg)
+    images = loop.check_images(images, model_cfg)
     num_classes = int(np.shape(params["classifier"]["bias"])[0])
     s = _settings(config, num_classes, 1, 1)
-    forward = ft.make_forward(model_cfg, s, params["head"]["pos_embed"], None, config.data.mean,
+    forward = classifier_lib.make_forward(model_cfg, s, params["head"]["pos_embed"], None, config.data.mean,
                               config.data.std)
     p = {"patch_embed": params["head"]["patch_embed"], "body": params["body"],
          "classifier": params["classifier"]}
-    return ft.predict(forward, p, images, int(config.eval.get("batch_size", 256)))
+    return classifier_lib.predict(forward, p, images, config.eval.batch_size)

@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from msd_jax import encrypt, shards
-from msd_jax.federation import model_io
+from msd_jax.encryption import encrypt, shards
+from msd_jax.protocols import model_io
 from msd_jax.layout import Workdir
 
 RAW_FILE = "images.npy"

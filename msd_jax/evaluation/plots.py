@@ -13,9 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-from msd_jax import encrypt  # noqa: E402
+from msd_jax.encryption import encrypt  # noqa: E402
 from msd_jax.models import vit  # noqa: E402
-from msd_jax.train import read_metrics  # noqa: E402
+from msd_jax.training.train import read_metrics  # noqa: E402
 
 
 def _save(fig, out_png: str) -> None:

@@ -1,9 +1,5 @@
-"""Frozen features of the backbone (head + body) for labelled images, in batches.
-
-Kinds: 'cls' is the final-norm CLS token; 'avgpool' the mean of the final-norm patch tokens;
-'cls_avgpool' their concatenation (DINO's linear-evaluation features for ViT-B). Both are invariant
-to the token order, so they are the same for encrypted and plain tokens.
-"""
+"""Frozen features of the backbone (head + body) for labelled images, in batches: every kind of
+vit.FEATURE_KINDS."""
 from __future__ import annotations
 
 import functools
@@ -11,11 +7,8 @@ import functools
 import jax
 import numpy as np
 
-from msd_jax import encrypt
+from msd_jax.encryption import encrypt
 from msd_jax.models import vit
-
-KINDS = ("cls", "avgpool", "cls_avgpool")
-
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _cls_and_avg(head_params, body_params, images, cfg: vit.ViTConfig):
@@ -26,7 +19,7 @@ def _cls_and_avg(head_params, body_params, images, cfg: vit.ViTConfig):
 
 def extract_features(head_params, body_params, cfg: vit.ViTConfig, images: np.ndarray, *,
                      mean: float, std: float, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Returns {kind: [N, dim]} for every kind in KINDS."""
+    """Returns {kind: [N, dim]} for every kind in vit.FEATURE_KINDS."""
     cls, avg = [], []
     for start in range(0, len(images), batch_size):
         batch = encrypt.normalize(np.asarray(images[start:start + batch_size], np.float32), mean, std)
@@ -42,8 +35,8 @@ def extract_features(head_params, body_params, cfg: vit.ViTConfig, images: np.nd
 
 def parse_kinds(value: str) -> list[str]:
     kinds = [k.strip() for k in value.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in vit.FEATURE_KINDS]
     if not kinds or bad:
-        raise ValueError(f"config.eval.features: expected a comma-separated list of {list(KINDS)}, "
+        raise ValueError(f"config.eval.features: expected a comma-separated list of {list(vit.FEATURE_KINDS)}, "
                          f"got {value!r}")
     return kinds

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from msd_jax import encrypt, shards, train
+from msd_jax.encryption import encrypt, shards
+from msd_jax.training import train
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
 

@@ -2,7 +2,7 @@
 
 The head (patch embedding + position embedding) is fixed before the round. In `paper` and `masked`
 modes it is public: the server writes it to head/ and every shard manifest repeats its fingerprint.
-In the secret modes (`secret_head`, `feature_perm`, see msd_jax/privacy/modes.py) the head the sites
+In the secret modes (`secret_head`, `feature_perm`, see msd_jax/encryption/modes.py) the head the sites
 apply is derived from a key the sites share (`shared_key`) and never leaves them; the server only
 receives head/transform.json (mode + the transform's SHA-256 fingerprint), and evaluation applies the
 head at the site side (`eval_head`). The permutation keys come from a site key that is never
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msd_jax.models import vit
-from msd_jax.privacy import modes as modes_lib
+from msd_jax.encryption import modes as modes_lib
 
 TRANSFORM_META = "transform.json"  # secret modes: what the sites tell the server (no parameters)
 SECRET_DIR = "site_secret"         # default home of the sites' shared key file (never sent)
@@ -150,7 +150,7 @@ def plain_tokens(head_params, cfg: vit.ViTConfig, images: np.ndarray, mean: floa
 
 
 # ---------------------------------------------------------------------------------------------
-# Encryption modes: the head transform the sites apply (see msd_jax/privacy/modes.py)
+# Encryption modes: the head transform the sites apply (see msd_jax/encryption/modes.py)
 # ---------------------------------------------------------------------------------------------
 def _key_from_bytes(data: bytes) -> jax.Array:
     """A jax key from secret bytes: the first 8 seed it, every further 4 are folded in."""

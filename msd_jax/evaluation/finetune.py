@@ -1,0 +1,96 @@
+"""Full fine-tuning of a backbone with a new linear classifier (training/classifier.py), started from
+a new head at N(0, 0.01^2) or from the linear probe's solution (LP-FT), scored on a test split.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msd_jax.evaluation import features as features_lib
+from msd_jax.evaluation import linear as linear_lib
+from msd_jax.evaluation.features import parse_kinds
+from msd_jax.evaluation.metrics import accuracy, roc_auc
+from msd_jax.models import vit
+from msd_jax.training import classifier as classifier_lib
+from msd_jax.training import train as train_lib
+
+
+def fit_linear_classifier(train_features, labels, num_classes: int, *, steps: int, weight_decay: float,
+                          seed: int = 0) -> dict:
+    """The project's linear probe (evaluation/linear.py: train-standardised features, L-BFGS on mean
+    cross-entropy + weight_decay / 2 ||W||^2, W0 ~ N(0, 0.01^2) from `seed`) expressed on the raw
+    features: {"kernel": W / std, "bias": b - (mean / std) W}, so that
+    softmax(features @ kernel + bias) equals linear_probe's probabilities."""
+    x = np.asarray(train_features, np.float64)
+    mean = x.mean(axis=0)
+    std = np.maximum(x.std(axis=0), linear_lib._STD_FLOOR)
+    y = jax.nn.one_hot(jnp.asarray(labels, jnp.int32), num_classes, dtype=jnp.float32)
+    w0 = 0.01 * jax.random.normal(jax.random.PRNGKey(seed), (x.shape[1], num_classes), jnp.float32)
+    w, b = linear_lib._fit((w0, jnp.zeros((num_classes,), jnp.float32)),
+                           jnp.asarray((x - mean) / std, jnp.float32), y, jnp.float32(weight_decay),
+                           jnp.float32(0.1), steps=int(steps), optimizer="lbfgs")
+    w, b = np.asarray(w, np.float64), np.asarray(b, np.float64)
+    kernel = w / std[:, None]
+    return {"kernel": kernel.astype(np.float32), "bias": (b - mean @ kernel).astype(np.float32)}
+
+
+def finetune(config, head_params, body_params, train_set, test_set, *, steps: int,
+             train_head: bool = False, seed: int = 0, log: Callable[[str], None] = print,
+             log_every: Optional[int] = None) -> dict:
+    """`finetune_eval` plus the trained params and the logged training metrics ("history")."""
+    model_cfg = vit.ViTConfig.from_config(config.model)
+    kind = config.eval.finetune_features or parse_kinds(config.eval.features)[0]
+    parse_kinds(kind)
+    num_classes = len(train_set.class_names)
+    if num_classes < 2:
+        raise ValueError(f"train_set: expected >= 2 classes, got class_names {train_set.class_names}")
+    if tuple(test_set.class_names) != tuple(train_set.class_names):
+        raise ValueError(f"test_set.class_names {test_set.class_names} differ from train_set's "
+                         f"{train_set.class_names}")
+    batch_size = int(config.eval.finetune_batch_size)
+    batch = min(batch_size, len(train_set))
+    s = classifier_lib.ClassifierSettings(
+        num_classes=num_classes, total_steps=int(steps),
+        lr=float(config.eval.finetune_lr) * batch / 256.0,
+        min_lr=float(config.eval.finetune_min_lr),
+        warmup_steps=int(round(float(config.eval.finetune_warmup_frac) * steps)),
+        weight_decay=float(config.eval.finetune_weight_decay),
+        layer_decay=float(config.eval.finetune_layer_decay),
+        clip_grad=float(config.optim.clip_grad),
+        crop_scale=tuple(float(v) for v in config.eval.finetune_crop_scale),
+        feature_kind=kind, train_head=bool(train_head), b1=config.optim.b1, b2=config.optim.b2)
+    if not 0 < s.layer_decay <= 1:
+        raise ValueError(f"config.eval.finetune_layer_decay: expected in (0, 1], got {s.layer_decay}")
+    key = jax.random.fold_in(train_lib.party_key(seed, "finetune"), 0)
+    init = config.eval.finetune_init
+    if init not in ("linear_probe", "random"):
+        raise ValueError(f"config.eval.finetune_init: expected 'linear_probe' or 'random', got {init!r}")
+    classifier = None
+    if init == "linear_probe":
+        feats = features_lib.extract_features(head_params, body_params, model_cfg, train_set.images,
+                                              mean=config.data.mean, std=config.data.std,
+                                              batch_size=config.eval.batch_size)[kind]
+        classifier = fit_linear_classifier(feats, train_set.labels, num_classes,
+                                           steps=config.eval.linear_steps,
+                                           weight_decay=config.eval.linear_weight_decay,
+                                           seed=seed)
+    params, forward, history = classifier_lib.train_classifier(
+        config, head_params, body_params, train_set.images, train_set.labels, s, batch_size=batch_size,
+        key=key, party="finetune", log=log, log_every=log_every, classifier=classifier)
+    probs = classifier_lib.predict(forward, params, test_set.images, config.eval.batch_size)
+    result = {"accuracy": accuracy(probs, test_set.labels), "auc": roc_auc(probs, test_set.labels)}
+    log(f"[finetune] {steps} steps ({'head + ' if train_head else ''}body, {kind}, {init} init): test accuracy "
+        f"{result['accuracy']:.4f} auc {result['auc']:.4f}")
+    return {**result, "params": params, "history": history, "probs": probs}
+
+
+def finetune_eval(config, head_params, body_params, train_set, test_set, *, steps: int,
+                  train_head: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Fine-tunes the backbone (the body, and the patch embedding if `train_head`) with a new linear
+    classifier on train_set for `steps` steps; returns {"accuracy", "auc"} on test_set."""
+    r = finetune(config, head_params, body_params, train_set, test_set, steps=steps,
+                 train_head=train_head, seed=seed, log=log)
+    return {"accuracy": r["accuracy"], "auc": r["auc"]}
