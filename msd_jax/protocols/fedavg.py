@@ -5,7 +5,7 @@ weighted by site size.
 
 Every model that travels is written with `model_io.save_params` (flax msgpack + model.json) into
 `fedavg/round<r>/global/` (server -> every site) and `fedavg/round<r>/uploads/<site>/` (site ->
-server), so `federation.comm` counts the bytes of real files. The schedules (lr, weight decay, teacher
+server), so `protocols.comm` counts the bytes of real files. The schedules (lr, weight decay, teacher
 momentum and temperature) run over the global step (the steps of the earlier rounds + s) of one
 budget of all rounds' steps, so FedAvg with one site and one round is plain training. Each site starts every
 round with a fresh Adam state (its moments are not sent). A killed run resumes from the last round

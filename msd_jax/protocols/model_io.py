@@ -1,7 +1,8 @@
 """Models that travel between parties: a params file (flax msgpack) plus a JSON description.
 
 What travels is small and plain on purpose: the initial student (server -> sites) and each site's
-trained student (site -> server). The final backbone is an Orbax checkpoint others can reuse.
+trained model (site -> server: its EMA teacher in model upload; student, teacher and centre in
+FedAvg). The final backbone is an Orbax checkpoint others can reuse.
 """
 from __future__ import annotations
 
