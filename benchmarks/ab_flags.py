@@ -6,10 +6,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import step_throughput as st  # noqa: E402
+import step_throughput as st
 
 
 def main():

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import statistics
 import subprocess
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
 DRY = os.environ.get("GPU_CHECK_DRY_RUN", "0") not in ("", "0")
 BATCH = {"vit_s16": 128, "vit_b16": 64}
 STEPS, WARMUP = (2, 1) if DRY else (10, 2)
@@ -88,37 +83,19 @@ def w_matmul_torch(_):
 
 
 def w_step_jax(config):
-    import dataclasses  # noqa: PLC0415
     import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    import step_throughput as st  # noqa: PLC0415
-    from msd_jax.models import vit  # noqa: PLC0415
-    from msd_jax.msd import step as step_lib  # noqa: PLC0415
+    import stepbuild  # noqa: PLC0415
     spec = _spec(config)
-    c = st.load_config(config, DRY)
-    c.model.dtype = "bfloat16"
     b = spec["batch"]
-    cfg = vit.ViTConfig.from_config(c.model)
-    sc = step_lib.StepConfig.from_config(c, cfg.num_patches, 1000, 100, b)
-    sc = dataclasses.replace(sc, freeze_last_layer_steps=0, warmup_steps=0)
-    mesh = step_lib.make_mesh()
-    params = jax.jit(lambda k: vit.init_student(cfg, k))(jax.random.key(0))
-    state = step_lib.replicate(mesh, step_lib.init_state(params, 1, cfg.out_dim, sc))
-    del params
-    fn = step_lib.jit_train_step(step_lib.make_train_step(cfg, sc), mesh)
-    toks, ids = step_lib.shard_batch(mesh, st._tokens(spec), np.arange(b, dtype=np.int32))
-    key = jax.random.key(1)
+    bench = stepbuild.build_step(stepbuild.load_config(config, smoke=DRY), b, dtype="bfloat16")
     t = time.perf_counter()
-    compiled = fn.lower(state, toks, ids, key).compile()
+    compiled = bench.compile()
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    box = {"s": state}
-    del state
 
     def run():
-        box["s"], m = compiled(box["s"], toks, ids, key)
-        jax.block_until_ready(m)
+        jax.block_until_ready(bench.run(compiled))
     for _ in range(WARMUP):
         run()
     t, times = _median_time(run, STEPS)
@@ -154,7 +131,7 @@ def w_step_torch(config):
     except Exception:  # noqa: BLE001  (timm absent, or its torchvision import fails)
         pass
     step = tr.TorchMSDStep(model, **v, **hp, device=dev, amp_dtype=torch.bfloat16)
-    tokens = torch.from_numpy(st._tokens(spec)).to(dev)
+    tokens = torch.from_numpy(st.spec_tokens(spec)).to(dev)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def run():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a single-GPU machine (H100/H200; no network; under 10 minutes).
-# Assumes jax (CUDA), flax, optax, orbax, chex, torch (and optionally timm) are installed; installs
-# only this project (--no-deps) when it is not importable. Measures the card's bf16 matmul peak
+# Assumes jax (CUDA), flax, optax, orbax, chex, torch (and optionally timm) are installed; runs this
+# checkout's msd_jax (on PYTHONPATH), installs nothing. Measures the card's bf16 matmul peak
 # (JAX and torch), then msd_jax's MSD step (bf16 compute) and the PyTorch step (bf16 autocast; timm
 # blocks if importable) for ViT-S/16 and ViT-B/16 at 224 px: images/s, MFU, device memory.
 # Prints a table and writes JSON.
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_check.json}"
-python -c "import msd_jax" 2>/dev/null || pip install --no-deps -q -e .
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${GPU_CHECK_DRY_RUN:-0}" = "0" ]; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
   python -c "import jax; print('jax', jax.__version__, jax.devices())"

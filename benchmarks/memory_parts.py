@@ -5,32 +5,26 @@ The measurement behind change 6 in NOTES.md.
 
   python benchmarks/memory_parts.py demo 64
 """
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-import step_throughput as st  # noqa: E402
-from msd_jax.models import vit  # noqa: E402
-from msd_jax.msd import step as step_lib  # noqa: E402
+import stepbuild
+from msd_jax.models import vit
+from msd_jax.msd import step as step_lib
 
 name = sys.argv[1] if len(sys.argv) > 1 else "demo"
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-c = st.load_config(name)
-c.model.dtype = "float32"
-c.model.matmul_dtype = "float32"  # the float32 step that NOTES.md changes 6-7 measured
-cfg = vit.ViTConfig.from_config(c.model)
-sc = step_lib.StepConfig.from_config(c, cfg.num_patches, 1000, 100, batch)
-params = jax.eval_shape(lambda k: vit.init_student(cfg, k), jax.random.key(0))
+# the float32 step that NOTES.md changes 6-7 measured
+bench = stepbuild.build_step(stepbuild.load_config(name), batch, dtype="float32",
+                             matmul_dtype="float32", steady=False, abstract=True)
+cfg, sc, params = bench.model, bench.step_config, bench.state.params
 student = vit.Student(cfg, 1)
 g = jax.ShapeDtypeStruct((sc.num_global * batch, sc.size_global, cfg.embed_dim), np.float32)
 loc = jax.ShapeDtypeStruct((sc.num_local * batch, sc.size_local, cfg.embed_dim), np.float32)
-options = step_lib.compiler_options(step_lib.make_mesh())
+options = step_lib.compiler_options(bench.mesh)
 
 
 def loss(p, views):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import platform
 import re
 import statistics
@@ -29,14 +28,11 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import stepbuild
 
 
 def _config(quick: bool):
-    from configs import demo  # noqa: PLC0415
-    c = demo.get_config("quick" if quick else None)
-    return c
+    return stepbuild.load_config("demo", "quick" if quick else None)
 
 
 def worker_encrypt(args) -> dict:
@@ -66,7 +62,7 @@ def worker_jpeg(args) -> dict:
     from msd_jax.data import sources  # noqa: PLC0415
     cfg_model = _config(args.quick).model
     root = sources.br35h_root()
-    files = [os.path.join(root, rel) for rel, _ in sources._br35h_files(root)][:args.jpegs]
+    files = [os.path.join(root, rel) for rel, _ in sources.br35h_files(root)][:args.jpegs]
     raw = []
     for f in files:
         with open(f, "rb") as fh:
@@ -103,37 +99,27 @@ def _loop_ips(lines, batch):
 
 def bench_loop(args) -> dict:
     import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
     from msd_jax.training import train  # noqa: PLC0415
-    from msd_jax.models import vit  # noqa: PLC0415
-    from msd_jax.msd import step as step_lib  # noqa: PLC0415
     c = _config(args.quick)
     c.train.batch_size = args.batch or c.train.batch_size
     c.train.log_every = args.log_every
     c.train.checkpoint_every = 10 ** 6
-    cfg = vit.ViTConfig.from_config(c.model)
     batch = c.train.batch_size
     n = batch * 4
-    tokens = np.random.default_rng(0).normal(size=(n, cfg.num_patches, cfg.embed_dim)).astype(np.float32)
     init = train.init_student_params(c)
     steps = args.loop_steps
 
     # the bare step: same function, a device-resident batch, no host work between steps
-    mesh = step_lib.make_mesh()
-    sc = step_lib.StepConfig.from_config(c, cfg.num_patches, steps, n // batch, batch)
-    fn = step_lib.jit_train_step(step_lib.make_train_step(cfg, sc), mesh)
-    state = step_lib.replicate(mesh, step_lib.init_state(init, 1, cfg.out_dim, sc))
-    toks, ids = step_lib.shard_batch(mesh, tokens[:batch], np.arange(batch, dtype=np.int32))
-    key = jax.random.key(0)
-    state, m = fn(state, toks, ids, key)
-    jax.block_until_ready(m)
+    bench = stepbuild.build_step(c, batch, steady=False, total_steps=steps,
+                                 steps_per_epoch=n // batch, params=init)
+    tokens = stepbuild.synthetic_tokens(n, bench.model.num_patches, bench.model.embed_dim)
+    jax.block_until_ready(bench.run())
 
     def bare():
-        nonlocal state
         t = time.perf_counter()
         for _ in range(steps):
-            state, m = fn(state, toks, ids, key)
-        jax.block_until_ready((state, m))
+            m = bench.run()
+        jax.block_until_ready((bench.state, m))
         return steps * batch / (time.perf_counter() - t)
 
     bare_before = bare()

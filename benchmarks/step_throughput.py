@@ -21,10 +21,8 @@ compilation, steps); `steady_rss_mb` is the peak RSS over the timed steps alone 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import pathlib
 import platform
 import statistics
 import subprocess
@@ -32,7 +30,6 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = ("demo", "vit_s16", "vit_b16")
 # batch used on CPU when --batch is not given (ViT-S/B at 224 px are slow on a few cores)
 CPU_BATCH = {"demo": None, "vit_s16": 8, "vit_b16": 4}
@@ -41,27 +38,11 @@ CPU_BATCH = {"demo": None, "vit_s16": 8, "vit_b16": 4}
 # ------------------------------------------------------------------------------------------------
 # the spec both workers build from
 # ------------------------------------------------------------------------------------------------
-def load_config(name: str, smoke: bool = False):
-    path = ROOT / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_cfg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(None)
-    if smoke:
-        c.model.update(variant="custom", embed_dim=32, depth=1, num_heads=2, out_dim=64,
-                       head_hidden_dim=32, head_bottleneck_dim=16, image_size=32, patch_size=8)
-    return c
-
-
 def make_spec(args) -> dict:
-    sys.path.insert(0, str(ROOT))
-    from msd_jax.models import vit  # noqa: PLC0415
-    from msd_jax.msd import views as views_lib  # noqa: PLC0415
-    c = load_config(args.config, args.smoke)
-    cfg = vit.ViTConfig.from_config(c.model)
-    n = cfg.num_patches
+    import stepbuild  # noqa: PLC0415
+    c = stepbuild.load_config(args.config, smoke=args.smoke)
     batch = args.batch or (8 if args.smoke else CPU_BATCH.get(args.config) or c.train.batch_size)
-    m, o = c.msd, c.optim
+    _, cfg, sc = stepbuild.resolve(c, batch)
     return dict(
         config=args.config, smoke=args.smoke, batch=batch, steps=args.steps, warmup=args.warmup,
         threads=args.threads, dtype=args.dtype, matmul_dtype=getattr(args, "matmul_dtype", "float32"), xla_flags=args.xla_flags,
@@ -69,13 +50,20 @@ def make_spec(args) -> dict:
         model=dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                    mlp_ratio=cfg.mlp_ratio, out_dim=cfg.out_dim, head_hidden_dim=cfg.head_hidden_dim,
                    head_bottleneck_dim=cfg.head_bottleneck_dim, head_layers=cfg.head_layers,
-                   image_size=cfg.image_size, patch_size=cfg.patch_size, num_tokens=n),
-        views=dict(num_global=m.num_global, size_global=views_lib.view_size(n, m.ratio_global),
-                   num_local=m.num_local, size_local=views_lib.view_size(n, m.ratio_local)),
-        hp=dict(lr=o.lr * batch / 256.0, weight_decay=o.weight_decay, momentum=m.momentum_teacher,
-                student_temp=m.student_temp, teacher_temp=m.teacher_temp,
-                center_momentum=m.center_momentum, clip_grad=o.clip_grad),
+                   image_size=cfg.image_size, patch_size=cfg.patch_size, num_tokens=cfg.num_patches),
+        views=dict(num_global=sc.num_global, size_global=sc.size_global,
+                   num_local=sc.num_local, size_local=sc.size_local),
+        hp=dict(lr=sc.lr, weight_decay=sc.weight_decay, momentum=sc.momentum_teacher,
+                student_temp=sc.student_temp, teacher_temp=sc.teacher_temp,
+                center_momentum=sc.center_momentum, clip_grad=sc.clip_grad),
     )
+
+
+def spec_tokens(spec: dict):
+    """The synthetic batch of the spec, the same in both workers."""
+    import stepbuild  # noqa: PLC0415
+    m = spec["model"]
+    return stepbuild.synthetic_tokens(spec["batch"], m["num_tokens"], m["embed_dim"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,25 +93,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _malloc_trim() -> None:
-    """Hand the heap that compilation freed back to the OS (glibc keeps it otherwise)."""
-    import ctypes  # noqa: PLC0415
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _maxrss_mb() -> float:
     import resource  # noqa: PLC0415
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _tokens(spec):
-    import numpy as np  # noqa: PLC0415
-    rng = np.random.default_rng(0)
-    m = spec["model"]
-    return rng.normal(size=(spec["batch"], m["num_tokens"], m["embed_dim"])).astype(np.float32)
 
 
 def _serve(run_one):
@@ -146,56 +118,37 @@ def worker_jax(spec: dict) -> dict:
     if spec["xla_flags"]:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + spec["xla_flags"]).strip()
     t_import = time.perf_counter()
-    import dataclasses  # noqa: PLC0415
     import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    sys.path.insert(0, str(ROOT))
-    from msd_jax.models import vit  # noqa: PLC0415
+    import stepbuild  # noqa: PLC0415
     from msd_jax.msd import step as step_lib  # noqa: PLC0415
     import_s = time.perf_counter() - t_import
     rss_imports = _rss_mb("VmRSS")
 
-    c = load_config(spec["config"], spec["smoke"])
-    backend = jax.default_backend()
-    dtype = spec["dtype"] or ("float32" if backend == "cpu" else "bfloat16")
-    c.model.dtype = dtype
-    c.model.matmul_dtype = spec["matmul_dtype"]
-    batch = spec["batch"]
-    c.train.batch_size = batch
-    cfg = vit.ViTConfig.from_config(c.model)
-    sc = step_lib.StepConfig.from_config(c, cfg.num_patches, 1000, 100, batch)
-    sc = dataclasses.replace(sc, freeze_last_layer_steps=0, warmup_steps=0)
-    mesh = step_lib.make_mesh()
-    params = jax.jit(lambda k: vit.init_student(cfg, k))(jax.random.key(0))
-    state = step_lib.replicate(mesh, step_lib.init_state(params, 1, cfg.out_dim, sc))
-    del params
-    step = step_lib.jit_train_step(step_lib.make_train_step(cfg, sc), mesh)
-    toks, ids = step_lib.shard_batch(mesh, _tokens(spec), np.arange(batch, dtype=np.int32))
-    key = jax.random.key(1)
+    dtype = spec["dtype"] or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    bench = stepbuild.build_step(stepbuild.load_config(spec["config"], smoke=spec["smoke"]),
+                                 spec["batch"], dtype=dtype, matmul_dtype=spec["matmul_dtype"])
 
     t = time.perf_counter()
-    compiled = step.lower(state, toks, ids, key).compile()
+    compiled = bench.compile()
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    if spec.get("trim", True) and hasattr(step_lib, "release_host_memory"):
+    if spec.get("trim", True):
         step_lib.release_host_memory()  # as train.train does after its first step
     rss_compiled = _rss_mb("VmRSS")
-
-    box = {"state": state}
-    del state
+    box = {}
 
     def run_one():
-        box["state"], metrics = compiled(box["state"], toks, ids, key)
-        jax.block_until_ready((box["state"], metrics))
+        metrics = bench.run(compiled)
+        jax.block_until_ready((bench.state, metrics))
         box["loss"] = metrics["loss"]
 
     for _ in range(spec["warmup"]):
         run_one()
     times, steady = _serve(run_one)
     dev = jax.devices()[0]
-    return dict(framework="jax", backend=backend, device_kind=dev.device_kind, dtype=dtype,
+    return dict(framework="jax", backend=jax.default_backend(), device_kind=dev.device_kind, dtype=dtype,
                 step_times_s=times, compile_s=compile_s, import_s=import_s, flops_per_step=flops,
                 peak_rss_mb=_maxrss_mb(), steady_rss_mb=steady, rss_after_imports_mb=rss_imports,
                 rss_after_compile_mb=rss_compiled, loss=float(box["loss"]),
@@ -215,7 +168,6 @@ def _jax_device_memory(dev):
 def worker_torch(spec: dict) -> dict:
     t_import = time.perf_counter()
     import torch  # noqa: PLC0415
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch_reference as tr  # noqa: PLC0415
     import_s = time.perf_counter() - t_import
     torch.set_num_threads(spec["threads"])
@@ -226,7 +178,7 @@ def worker_torch(spec: dict) -> dict:
                        m["head_hidden_dim"], m["head_bottleneck_dim"], m["head_layers"])
     amp = torch.bfloat16 if spec["matmul_dtype"] == "bfloat16" else None
     step = tr.TorchMSDStep(model, **v, **hp, amp_dtype=amp)
-    tokens = torch.from_numpy(_tokens(spec))
+    tokens = torch.from_numpy(spec_tokens(spec))
     box = {}
 
     def run_one():

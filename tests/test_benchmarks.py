@@ -2,6 +2,7 @@
 weights (Flax parameters copied into the torch modules), the same MSD loss on the same logits, the
 same step (loss, update, EMA, centre) on the same views; and `step_throughput.py --smoke` writes the
 JSON the README's table is built from. Speed itself is never asserted."""
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -22,8 +23,20 @@ from msd_jax.msd import views as views_lib  # noqa: E402
 from np_reference import np_dino_loss  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import torch_reference as tr  # noqa: E402
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module: the scripts import each other by file name (their folder is
+    sys.path[0] when run), and the folder is no package, so it is loaded from its path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+tr = load_benchmark("torch_reference")
+stepbuild = load_benchmark("stepbuild")
 
 N_TOKENS, DIM = 16, 32
 
@@ -209,3 +222,40 @@ def test_step_throughput_smoke_writes_json(tmp_path):
     assert "msd_jax" in proc.stdout and "PyTorch" in proc.stdout  # the table
     # both steps trained the same kind of model to a finite loss
     assert np.isfinite(r["runs"]["jax"][0]["loss"]) and np.isfinite(r["runs"]["torch"][0]["loss"])
+
+
+def test_bench_step_is_the_configs_step_on_a_seeded_batch():
+    """The benchmarks' step builder: the config's numbers for the given batch (DINO's lr scaling,
+    views from the ratios over (32 / 8)^2 tokens of the smoke model), no warm-up or freeze in a
+    steady step, the standard-normal batch of seed 0, a step that runs; and the shapes-only build
+    compiles to the same program size."""
+    c = stepbuild.load_config("demo", smoke=True)
+    batch_before = c.train.batch_size
+    bench = stepbuild.build_step(c, 4, dtype="float32", matmul_dtype="float32")
+    sc = bench.step_config
+    assert c.train.batch_size == batch_before  # the caller's config is left alone
+    assert (bench.config.train.batch_size, bench.config.model.matmul_dtype) == (4, "float32")
+    assert bench.model.num_patches == 16 and bench.batch == 4
+    assert sc.size_global == round(16 * c.msd.ratio_global) and sc.num_global == c.msd.num_global
+    assert sc.size_local == round(16 * c.msd.ratio_local) and sc.num_local == c.msd.num_local
+    assert sc.lr == pytest.approx(c.optim.lr * 4 / 256)
+    assert sc.warmup_steps == 0 and sc.freeze_last_layer_steps == 0
+    want = np.random.default_rng(0).normal(size=(4, 16, 32)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(bench.tokens), want)
+    np.testing.assert_array_equal(np.asarray(bench.ids), np.arange(4))
+
+    compiled = bench.compile()
+    metrics = bench.run(compiled)
+    assert int(bench.state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+    c.optim.warmup_frac = 0.25
+    assert stepbuild.resolve(c, 4, steady=False)[2].warmup_steps == 250  # of TOTAL_STEPS = 1000
+    shapes = stepbuild.build_step(c, 4, dtype="float32", matmul_dtype="float32", abstract=True)
+    assert isinstance(shapes.tokens, jax.ShapeDtypeStruct)
+    flops = [_flops(x) for x in (compiled, shapes.compile())]
+    assert flops[0] > 0 and flops[0] == flops[1]
+
+
+def _flops(compiled):
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

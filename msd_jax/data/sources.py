@@ -254,7 +254,8 @@ def br35h_root() -> str:
     return root
 
 
-def _br35h_files(root: str) -> list[tuple[str, int]]:
+def br35h_files(root: str) -> list[tuple[str, int]]:
+    """The Br35H images under `root` as (path relative to root, label), in a fixed order."""
     files = []
     for label, c in enumerate(BR35H_CLASSES):
         for name in sorted(os.listdir(os.path.join(root, c))):
@@ -306,7 +307,7 @@ def _br35h_builder(image_size: int, channels: int, cache_dir: str | None):
     from msd_jax.data import tfds_builders as tb  # noqa: PLC0415
 
     root = br35h_root()
-    files = _br35h_files(root)
+    files = br35h_files(root)
     try:
         from importlib.metadata import version  # noqa: PLC0415
 
