@@ -4,7 +4,7 @@ cost (a backbone trained in that mode, linear probe). Writes DIR/audit.json, aud
   python -m msd_jax.main --config configs/audit.py:quick --workdir runs/audit_quick   # ~20 min, 2 CPUs
   python -m msd_jax.main --config configs/audit.py --workdir runs/audit               # demo-sized model
 
-See docs/privacy.md for the threat model and msd_jax/privacy/ for the attacks.
+See docs/privacy.md for the threat model and msd_jax/experiments/privacy/ for the attacks.
 """
 from msd_jax.config import base_config
 

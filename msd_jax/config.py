@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
         # ViT-B linear-eval features), 'cls', 'avgpool'
         features="cls_avgpool,cls",
         knn_k=20, knn_temperature=0.07,
+        # linear probe on train-standardised features: 'lbfgs' (line search picks the step size) or
+        # 'adam' (linear_steps full-batch steps at linear_lr, which only 'adam' reads)
+        linear_optimizer="lbfgs",
         linear_steps=500, linear_lr=0.1, linear_weight_decay=1e-4,
         batch_size=256,
         random_init_baseline=True,
@@ -174,14 +177,30 @@ def _check_choice(value, allowed, field):
         raise ValueError(f"config.{field}: expected one of {list(allowed)}, got {value!r}")
 
 
+def resolve_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A named model.variant ('Ti' | 'S' | 'B') written into model.embed_dim/depth/num_heads, so
+    that the config (and report.json's copy of it) says what runs."""
+    from msd_jax.models.vit import VARIANTS  # noqa: PLC0415 (keeps `import config` free of jax)
+    variant = c.model.variant
+    if variant == "custom":
+        return c
+    if variant not in VARIANTS:
+        raise ValueError(f"config.model.variant: expected one of {sorted(VARIANTS)} or 'custom', "
+                         f"got {variant!r}")
+    c.model.embed_dim, c.model.depth, c.model.num_heads = VARIANTS[variant]
+    return c
+
+
 def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.ConfigDict:
     """Checks the values that would otherwise fail deep inside a run. `mode` (--mode): the image
     folders are required only by the modes that read images (all, encrypt, eval)."""
+    resolve_variant(c)
     _check_choice(c.job, JOBS, "job")
     _check_choice(c.protocol, PROTOCOLS, "protocol")
     _check_choice(c.data.name, ("br35h", "folders"), "data.name")
     _check_choice(c.merge.data, ("proxy", "uploaded"), "merge.data")
     _check_choice(c.merge.init, ("average", "initial"), "merge.init")
+    _check_choice(c.eval.linear_optimizer, ("lbfgs", "adam"), "eval.linear_optimizer")
     if c.data.name == "folders" and mode in ("all", "encrypt", "eval"):
         if not c.data.site_dirs:
             raise ValueError("config.data.site_dirs: expected comma-separated site folders with "

@@ -162,7 +162,7 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
         baseline = probe(*features(train.init_student_params(config)["body"]))
         report["baseline_random_init"] = baseline[kinds[0]]
         report["baseline_random_init_by_features"] = baseline
-    if ev.get("per_site", True):
+    if ev.per_site:
         report["eval_by_site"] = _eval_by_site(config, data, f_train[kinds[0]], f_test[kinds[0]], log)
     records = _read_records(wd)
     timing = {k: round(v["seconds"], 2) for k, v in records.items() if "seconds" in v}
@@ -187,7 +187,7 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
         log(f"[eval] COLLAPSE? {len(warnings)} logged step(s) flagged by the collapse monitor: "
             f"{sorted({(w['party'], w['kind']) for w in warnings})}")
     _write_report(wd, report)
-    if config.train.get("tensorboard", True):
+    if config.train.tensorboard:
         try:
             _tensorboard_eval(wd, report)
         except Exception as e:  # noqa: BLE001 (the report is written; events are a convenience)

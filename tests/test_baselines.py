@@ -6,6 +6,7 @@ from their definitions (half-pixel centres, triangle kernel widened by the shrin
 padding); the baselines' steps are checked against the project's MSD step (msd/step.py) and the
 DINO loss recomputed by tests/np_reference.py."""
 
+import dataclasses
 import json
 
 import jax
@@ -145,19 +146,24 @@ def test_gaussian_blur_matches_numpy():
     np.testing.assert_allclose(np.asarray(out), np_blur(img, 0.8, 3), atol=1e-5)
 
 
+def pixel_config(**fields):
+    """base_config()'s multi-crop views with `fields` changed."""
+    return dataclasses.replace(pv.PixelViewConfig.from_config(base_config()), **fields)
+
+
 def test_intensity_jitter_on_one_channel():
     img = np.random.default_rng(3).uniform(0.2, 0.8, (8, 8, 1)).astype(np.float32)
-    pc = pv.PixelViewConfig(brightness=0.0, contrast=0.0, gamma=0.0)
+    pc = pixel_config(brightness=0.0, contrast=0.0, gamma=0.0)
     np.testing.assert_allclose(np.asarray(pv.intensity_jitter(jax.random.key(0), img, pc)), img, atol=1e-6)
     # contrast only: an affine map around the mean, slope in [1 - c, 1 + c], mean preserved
-    pc = pv.PixelViewConfig(brightness=0.0, contrast=0.3, gamma=0.0)
+    pc = pixel_config(brightness=0.0, contrast=0.3, gamma=0.0)
     for k in range(5):
         out = np.asarray(pv.intensity_jitter(jax.random.key(k), img, pc), np.float64)
         slope = np.polyfit(img.ravel(), out.ravel(), 1)[0]
         assert out.shape == img.shape and 0.7 - 1e-4 <= slope <= 1.3 + 1e-4
         np.testing.assert_allclose(out, img.mean() + (img - img.mean()) * slope, atol=1e-5)
     # gamma only: out = img ** g with g in [1 / (1 + gamma), 1 + gamma]
-    pc = pv.PixelViewConfig(brightness=0.0, contrast=0.0, gamma=0.5)
+    pc = pixel_config(brightness=0.0, contrast=0.0, gamma=0.5)
     out = np.asarray(pv.intensity_jitter(jax.random.key(7), img, pc), np.float64)
     g = np.log(out) / np.log(img.astype(np.float64))
     assert np.ptp(g) < 1e-3 and 1 / 1.5 - 1e-4 <= g.mean() <= 1.5 + 1e-4
@@ -167,7 +173,7 @@ def _plain(**kw):
     base = dict(num_global=2, global_size=16, num_local=3, local_size=8, jitter_prob=0.0,
                 global_blur_probs=(0.0,), local_blur_prob=0.0, grayscale_prob=0.0)
     base.update(kw)
-    return pv.PixelViewConfig(**base)
+    return pixel_config(**base)
 
 
 def test_flip_of_identity_crop():

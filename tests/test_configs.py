@@ -1,5 +1,5 @@
 """Every shipped config builds: valid keys, a valid model, shapes that trace."""
-import importlib.util
+import dataclasses
 import pathlib
 
 import jax
@@ -7,21 +7,18 @@ import jax.numpy as jnp
 import pytest
 
 from msd_jax import config as config_lib
+from msd_jax.data import pixel_views
 from msd_jax.models import vit
+from msd_jax.msd import step as step_lib
+from msd_jax.training import classifier
+from conftest import load_config
 
 CONFIGS = sorted(pathlib.Path(__file__).resolve().parent.parent.glob("configs/*.py"))
 
 
-def load(path, arg=None):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds(path):
-    c = config_lib.validate(load(path))
+    c = config_lib.validate(load_config(path.stem))
     cfg = vit.ViTConfig.from_config(c.model)
     shapes = jax.eval_shape(lambda k: vit.init_student(cfg, k), jax.random.key(0))
     assert shapes["body"]["cls_token"].shape == (1, 1, cfg.embed_dim)
@@ -32,9 +29,42 @@ def test_config_builds(path):
 
 
 def test_vit_s16_is_paper_scale():
-    c = load(pathlib.Path(__file__).resolve().parent.parent / "configs" / "vit_s16.py")
+    c = load_config("vit_s16")
     cfg = vit.ViTConfig.from_config(c.model)
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.image_size, cfg.patch_size) == (384, 12, 6, 224, 16)
+    # the config itself says what runs (report.json copies it)
+    assert (c.model.embed_dim, c.model.depth, c.model.num_heads) == (384, 12, 6)
+
+
+def test_a_variant_is_resolved_into_the_config_once_it_is_read():
+    c = config_lib.base_config()
+    c.model.variant = "B"
+    assert (c.model.embed_dim, c.model.depth, c.model.num_heads) == (192, 4, 3)
+    with pytest.raises(ValueError, match=r"config\.model\.variant='B'.*\(768, 12, 12\).*\(192, 4, 3\)"):
+        vit.ViTConfig.from_config(c.model)   # unresolved: would silently build another model
+    config_lib.validate(c)
+    assert (c.model.embed_dim, c.model.depth, c.model.num_heads) == (768, 12, 12)
+    assert vit.ViTConfig.from_config(c.model).embed_dim == 768
+    c.model.variant = "L"
+    with pytest.raises(ValueError, match=r"config\.model\.variant"):
+        config_lib.validate(c)
+
+
+@pytest.mark.parametrize("cls", [vit.HeadConfig, vit.ViTConfig, step_lib.StepConfig,
+                                 pixel_views.PixelViewConfig, classifier.ClassifierSettings])
+def test_dataclasses_hold_no_second_set_of_defaults(cls):
+    with_default = [f.name for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert not with_default, f"{cls.__name__}: defaults belong in msd_jax/config.py, found {with_default}"
+
+
+def test_model_fields_come_from_the_config():
+    c = config_lib.base_config()
+    cfg = vit.ViTConfig.from_config(c.model)
+    assert cfg.to_dict() == {f.name: c.model[f.name] for f in dataclasses.fields(vit.ViTConfig)}
+    del c.model["head_layers"]
+    with pytest.raises(ValueError, match=r"config\.model: missing \['head_layers'\]"):
+        vit.ViTConfig.from_config(c.model)
 
 
 def test_validate_names_the_field():

@@ -16,8 +16,9 @@ from msd_jax.data.sites import FederatedData
 from msd_jax.data.sources import ImageSet
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
+from conftest import tiny_demo_config, tiny_model
 
-CFG = vit.ViTConfig(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
+CFG = tiny_model(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
                     out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
 NUM_PATCHES = (16 // 4) ** 2
 MEAN, STD = 0.5, 0.25
@@ -147,15 +148,7 @@ def test_site_keys(head):
 
 
 def _config(key_source):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_config_for_encrypt_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("quick")
-    c.model.update(image_size=16, patch_size=4, embed_dim=16, num_heads=2, out_dim=32,
-                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c = tiny_demo_config()
     c.encrypt.update(key_source=key_source, dtype="float32", shard_size=3)
     return c
 

@@ -268,11 +268,13 @@ def test_linear_probe_validation():
 def test_evaluate_features_structure_and_values():
     rng = np.random.default_rng(11)
     x, y = blobs(rng, 3, 60, 6, sep=6.0)
-    res = evaluate_features(x[:120], y[:120], x[120:], y[120:], 3, linear_steps=100)
+    probes = dict(knn_k=20, knn_temperature=0.07, linear_steps=100, linear_optimizer="lbfgs",
+                  linear_lr=0.1, linear_weight_decay=1e-4, seed=0)
+    res = evaluate_features(x[:120], y[:120], x[120:], y[120:], 3, **probes)
     assert set(res) == {"knn", "linear"}
     for probe in res.values():
         assert set(probe) == {"accuracy", "auc"}
         assert isinstance(probe["accuracy"], float) and isinstance(probe["auc"], float)
         assert probe["accuracy"] >= 0.95 and probe["auc"] >= 0.98
     with pytest.raises(ValueError, match="test_labels.*expected 60"):
-        evaluate_features(x[:120], y[:120], x[120:], y[121:], 3)
+        evaluate_features(x[:120], y[:120], x[120:], y[121:], 3, **probes)

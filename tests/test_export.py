@@ -19,10 +19,11 @@ import pytest
 from msd_jax import export
 from msd_jax.protocols import model_io
 from msd_jax.models import vit
+from conftest import tiny_model
 
-CFG = vit.ViTConfig(image_size=16, patch_size=4, channels=3, embed_dim=16, depth=2, num_heads=2,
+CFG = tiny_model(image_size=16, patch_size=4, channels=3, embed_dim=16, depth=2, num_heads=2,
                     mlp_ratio=2.0, pos_embed="random", out_dim=32, head_hidden_dim=16,
-                    head_bottleneck_dim=8).validate()
+                    head_bottleneck_dim=8)
 MEAN, STD = 0.5, 0.25
 TOL = 1e-4
 

@@ -6,8 +6,9 @@ import pytest
 from msd_jax.encryption import encrypt
 from msd_jax.evaluation.features import extract_features, parse_kinds
 from msd_jax.models import vit
+from conftest import tiny_model
 
-CFG = vit.ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, out_dim=16,
+CFG = tiny_model(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, out_dim=16,
                     head_hidden_dim=16, head_bottleneck_dim=8)
 
 

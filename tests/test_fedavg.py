@@ -3,7 +3,6 @@
 References are independent of the code under test: plain `train.train` runs, numpy float64 averages,
 hand-computed numbers, and file sizes read with os.stat.
 """
-import importlib.util
 import os
 
 import jax
@@ -14,19 +13,14 @@ from msd_jax.encryption import encrypt, shards
 from msd_jax.training import train
 from msd_jax.protocols import comm, fedavg, model_io
 from msd_jax.layout import Workdir
+from conftest import tiny_demo_config
 from msd_jax.models import vit
 
 T, D = 16, 16
 
 
 def make_config():
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_config_for_fedavg_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("quick")
-    c.model.update(image_size=16, patch_size=4, embed_dim=D, num_heads=2, out_dim=32,
-                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c = tiny_demo_config(embed_dim=D)
     c.msd.num_local = 0
     c.train.update(batch_size=4, log_every=100, checkpoint_every=100)
     return c

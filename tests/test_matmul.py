@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from msd_jax.models import matmul, vit
+from conftest import tiny_model
 
 # The bfloat16 product relies on how XLA orders its passes (see msd_jax/models/matmul.py); where a JAX
 # build cannot run it the model falls back to float32 (tested below) and these numbers do not apply.
@@ -78,7 +79,7 @@ def _cfg(**kw):
     base = dict(image_size=16, patch_size=4, channels=1, embed_dim=32, depth=2, num_heads=2,
                 out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)
     base.update(kw)
-    return vit.ViTConfig(**base).validate()
+    return tiny_model(**base)
 
 
 @needs_bf16

@@ -12,6 +12,7 @@ import pytest
 
 from msd_jax.config import base_config
 from msd_jax.models import vit
+from conftest import tiny_model, tiny_model_config
 
 # ---------------------------------------------------------------------------
 # Independent references (float64 numpy)
@@ -77,14 +78,7 @@ def small_cfg(**kw):
     base = dict(image_size=16, patch_size=4, channels=1, embed_dim=32, depth=2, num_heads=2,
                 out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)
     base.update(kw)
-    return vit.ViTConfig(**base).validate()
-
-
-def model_config(**kw):
-    c = base_config().model
-    for k, v in kw.items():
-        c[k] = v
-    return c
+    return tiny_model(**base)
 
 
 def init_student(cfg, key, num_heads_out=1):
@@ -107,7 +101,7 @@ def shapes_of(tree):
 
 @pytest.mark.parametrize("variant,dim,heads", [("Ti", 192, 3), ("S", 384, 6), ("B", 768, 12)])
 def test_variant_parameter_shapes(variant, dim, heads):
-    mc = model_config(variant=variant, image_size=32, patch_size=8, out_dim=256, head_hidden_dim=64,
+    mc = tiny_model_config(variant=variant, image_size=32, patch_size=8, out_dim=256, head_hidden_dim=64,
                       head_bottleneck_dim=32)
     cfg = vit.ViTConfig.from_config(mc)
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (dim, 12, heads)
@@ -147,7 +141,7 @@ def test_variant_parameter_shapes(variant, dim, heads):
 @pytest.mark.parametrize("patch", [8, 16])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_patch_head_shapes(patch, channels):
-    cfg = vit.ViTConfig.from_config(model_config(variant="Ti", image_size=32, patch_size=patch,
+    cfg = vit.ViTConfig.from_config(tiny_model_config(variant="Ti", image_size=32, patch_size=patch,
                                                  channels=channels))
     params = jax.eval_shape(lambda k: vit.init_head(cfg, k), jax.random.key(0))
     n = (32 // patch) ** 2
@@ -169,7 +163,7 @@ def test_patch_head_rejects_wrong_image_shape():
 
 def test_unknown_variant_is_rejected():
     with pytest.raises(ValueError, match="config.model.variant"):
-        vit.ViTConfig.from_config(model_config(variant="L"))
+        vit.ViTConfig.from_config(tiny_model_config(variant="L"))
 
 
 # ---------------------------------------------------------------------------
@@ -187,13 +181,13 @@ def test_unknown_variant_is_rejected():
 ])
 def test_validate_errors_name_field(kw, field):
     with pytest.raises(ValueError) as exc:
-        vit.ViTConfig.from_config(model_config(**kw))
+        vit.ViTConfig.from_config(tiny_model_config(**kw))
     assert field in str(exc.value)
 
 
 def test_validate_accepts_good_configs():
     for kw in (dict(image_size=32, patch_size=16, channels=3), dict(embed_dim=64, num_heads=4)):
-        vit.ViTConfig.from_config(model_config(**kw))
+        vit.ViTConfig.from_config(tiny_model_config(**kw))
 
 
 # ---------------------------------------------------------------------------

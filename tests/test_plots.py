@@ -11,6 +11,7 @@ from PIL import Image
 from msd_jax.evaluation import plots
 from msd_jax.training import train
 from msd_jax.models import vit
+from conftest import tiny_demo_config, tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +67,7 @@ def test_training_curves_writes_png(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Attention maps
 # ---------------------------------------------------------------------------------------------
-CFG = vit.ViTConfig(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
+CFG = tiny_model(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
                     out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
 
 
@@ -175,15 +176,7 @@ def test_read_collapse_warnings(tmp_path):
 def test_train_records_collapse_warnings(tmp_path):
     """train.train flags logged steps after the teacher-temperature warm-up (thresholds forced so
     every entropy is 'one-hot'), in the progress line and in the metrics line."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_config_for_plot_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("quick")
-    c.model.update(image_size=16, patch_size=4, embed_dim=16, num_heads=2, depth=1, out_dim=32,
-                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c = tiny_demo_config()
     c.msd.num_local = 0
     c.msd.teacher_temp_warmup_frac = 0.5            # warm-up: steps 1-2 of 4 (indices 0, 1)
     c.train.update(batch_size=4, log_every=1, checkpoint_every=4, collapse_min_entropy=1e9)
@@ -219,15 +212,7 @@ def test_collapse_check_flags_few_effective_prototypes():
 def test_train_flags_prototype_collapse(tmp_path):
     """With the entropy checks off and collapse_min_prototypes above any possible count, every
     logged step after the warm-up is flagged 'prototypes' in the log, the metrics and the warnings."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_config_for_plot_tests2", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("quick")
-    c.model.update(image_size=16, patch_size=4, embed_dim=16, num_heads=2, depth=1, out_dim=32,
-                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c = tiny_demo_config()
     c.msd.num_local = 0
     c.msd.teacher_temp_warmup_frac = 0.5
     c.train.update(batch_size=4, log_every=1, checkpoint_every=4, collapse_min_entropy=0.0,

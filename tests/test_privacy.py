@@ -6,7 +6,6 @@ References are independent of the code under test: tokens are computed here in n
 (patchify + kernel + bias + position), permutations drawn here, and metric values derived by hand.
 """
 import copy
-import importlib.util
 import json
 import os
 
@@ -21,8 +20,9 @@ from msd_jax.layout import Workdir
 from msd_jax.models import vit
 from msd_jax.experiments.privacy import attacks, metrics
 from msd_jax.encryption import modes
+from conftest import load_config, tiny_model
 
-CFG = vit.ViTConfig(image_size=16, patch_size=4, channels=1, embed_dim=32, depth=1, num_heads=2,
+CFG = tiny_model(image_size=16, patch_size=4, channels=1, embed_dim=32, depth=1, num_heads=2,
                     out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
 N_POS, D_P = 16, 16
 MEAN, STD = 0.5, 0.25
@@ -269,14 +269,6 @@ def test_shared_key_sources(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the secret never reaches the server's files; every protocol runs in a secret mode
 # ---------------------------------------------------------------------------------------------
-def _load_config(name, arg):
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
-    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}_privacy_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
 def _imageset(images, seed=0):
     n = len(images)
     labels = np.random.default_rng(seed).integers(0, 2, n).astype(np.int32)
@@ -298,7 +290,7 @@ def test_secret_mode_keys_never_written(tmp_path, monkeypatch, protocol):
     secret = bytes(range(101, 101 + encrypt.SHARED_KEY_BYTES))
     real = os.urandom
     monkeypatch.setattr(encrypt.os, "urandom", lambda n: secret if n == encrypt.SHARED_KEY_BYTES else real(n))
-    c = _load_config("demo.py", "quick")
+    c = load_config("demo", "quick")
     c.model.update(image_size=16, patch_size=4, embed_dim=32, num_heads=2, out_dim=32,
                    head_hidden_dim=16, head_bottleneck_dim=8)
     c.train.update(batch_size=8)
@@ -360,7 +352,7 @@ def test_server_rejects_a_mode_mismatch(tmp_path):
     cfg = CFG
     head_dir = str(tmp_path / "head")
     encrypt.write_transform(head_dir, cfg, "secret_head", "ab" * 32)
-    c = _load_config("demo.py", "quick")
+    c = load_config("demo", "quick")
     c.encrypt.mode = "paper"
     with pytest.raises(ValueError, match="transform.json"):
         encrypt.expected_fingerprint(c, head_dir, cfg)
@@ -379,7 +371,7 @@ def test_server_rejects_a_mode_mismatch(tmp_path):
 def test_tiny_audit_end_to_end(tmp_path, monkeypatch):
     from msd_jax.experiments.privacy import audit
 
-    c = _load_config("audit.py", "tiny")
+    c = load_config("audit", "tiny")
     c.train.batch_size = 8
     data = _fed(size=32, per_site=8, sites=2, test=10, proxy=24)
     monkeypatch.setattr(audit.sites_lib, "load", lambda config: copy.deepcopy(data))

@@ -6,6 +6,7 @@ References are independent: views are rebuilt with views_lib.make_views and fold
 the step documents, logits come from applying vit.Student directly, and the loss, clipping, Adam
 and EMA arithmetic are redone here in numpy (float64) or plain jnp."""
 
+import dataclasses
 import functools
 import math
 import textwrap
@@ -188,8 +189,9 @@ DEMO_VIEWS, VIT_VIEWS = (2, 32, 6, 13), (2, 118, 8, 39)   # (G, global size, L, 
 def test_backward_passes_cover_every_view_once_in_order(views, batch, min_tokens, expected, monkeypatch):
     # (index of the group's first view, views in the group), by hand from the rule in the docstring
     monkeypatch.setattr(step_lib, "MIN_PASS_TOKENS", min_tokens)
-    sc = step_lib.StepConfig(total_steps=1, num_global=views[0], size_global=views[1],
-                             num_local=views[2], size_local=views[3])
+    sc = dataclasses.replace(step_lib.StepConfig.from_config(tiny_config(), N_TOKENS, 1, 1, batch),
+                             num_global=views[0], size_global=views[1], num_local=views[2],
+                             size_local=views[3])
     # views [B, V, k, D] with entry (b, v) = 100 * v + b (locals offset by 10,000)
     g = (100 * np.arange(sc.num_global)[None, :] + np.arange(batch)[:, None])[..., None, None]
     l = 10_000 + (100 * np.arange(sc.num_local)[None, :] + np.arange(batch)[:, None])[..., None, None]

@@ -1,7 +1,6 @@
 """TensorBoard events: read back with tensorboardX's protobuf classes (TFRecord framing parsed
 here: 8-byte length, 4-byte crc, data, 4-byte crc) and compared with the metrics JSON lines."""
 import glob
-import importlib.util
 import os
 import struct
 
@@ -12,6 +11,7 @@ from tensorboardX.proto import event_pb2
 
 from msd_jax.training import tensorboard, train
 from msd_jax.layout import Workdir
+from conftest import tiny_demo_config
 
 
 def masked_crc(data):
@@ -47,13 +47,7 @@ def read_scalars(logdir):
 
 
 def demo_config():
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_config_for_tensorboard_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("quick")
-    c.model.update(image_size=16, patch_size=4, embed_dim=16, num_heads=2, depth=1, out_dim=32,
-                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c = tiny_demo_config()
     c.msd.num_local = 0
     c.train.update(batch_size=4, log_every=2, checkpoint_every=6)
     return c

@@ -15,9 +15,10 @@ import numpy as np
 
 from msd_jax.encryption import encrypt, shards, verify
 from msd_jax.models import vit
+from conftest import tiny_model
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-CFG = vit.ViTConfig(image_size=8, patch_size=4, channels=1, embed_dim=8, depth=1, num_heads=2)
+CFG = tiny_model(image_size=8, patch_size=4, channels=1, embed_dim=8, depth=1, num_heads=2)
 
 
 def _workdir(root, sites=("site0", "site1"), seed=0):

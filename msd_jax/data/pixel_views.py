@@ -52,25 +52,25 @@ def _prob(value, field: str) -> float:
 @dataclasses.dataclass(frozen=True)
 class PixelViewConfig:
     """Static description of the multi-crop views (hashable: usable as a jit static argument)."""
-    num_global: int = 2
-    global_size: int = 32
-    global_scale: Tuple[float, float] = (0.4, 1.0)
-    num_local: int = 6
-    local_size: int = 16
-    local_scale: Tuple[float, float] = (0.05, 0.4)
-    crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    gamma: float = 0.3
-    saturation: float = 0.2
-    grayscale_prob: float = 0.2
-    global_blur_probs: Tuple[float, ...] = (1.0, 0.1)
-    local_blur_prob: float = 0.5
-    blur_sigma: Tuple[float, float] = (0.1, 1.0)
-    noise_prob: float = 0.0
-    noise_std: float = 0.03
+    num_global: int
+    global_size: int
+    global_scale: Tuple[float, float]
+    num_local: int
+    local_size: int
+    local_scale: Tuple[float, float]
+    crop_ratio: Tuple[float, float]
+    flip_prob: float
+    jitter_prob: float
+    brightness: float
+    contrast: float
+    gamma: float
+    saturation: float
+    grayscale_prob: float
+    global_blur_probs: Tuple[float, ...]
+    local_blur_prob: float
+    blur_sigma: Tuple[float, float]
+    noise_prob: float
+    noise_std: float
 
     @classmethod
     def from_config(cls, config) -> "PixelViewConfig":

@@ -11,6 +11,7 @@ from the config seed and the site name (`'seed'`, reproducible runs).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -30,7 +31,7 @@ SECRET_DIR = "site_secret"         # default home of the sites' shared key file 
 SHARED_KEY_BYTES = 32
 HEAD_FILE = "head.msgpack"
 HEAD_META = "head.json"
-HEAD_FIELDS = ("image_size", "patch_size", "channels", "embed_dim", "pos_embed")
+HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(vit.HeadConfig))
 
 
 def head_fingerprint(cfg: vit.ViTConfig, head_params) -> str:

@@ -86,7 +86,7 @@ def head_fingerprint(head_dir: str) -> str:
     missing = [k for k in encrypt.HEAD_FIELDS if k not in meta]
     if missing:
         raise VerifyError(f"{meta_path}: field(s) {missing} missing")
-    cfg = vit.ViTConfig(**{k: meta[k] for k in encrypt.HEAD_FIELDS})
+    cfg = vit.HeadConfig(**{k: meta[k] for k in encrypt.HEAD_FIELDS})
     try:
         _, fp = encrypt.load_head(head_dir, cfg)
     except (OSError, ValueError) as e:

@@ -129,8 +129,8 @@ def linear_probe(train_features, train_labels, test_features, num_classes: int, 
 
 
 def evaluate_features(train_features, train_labels, test_features, test_labels, num_classes, *,
-                      knn_k=20, knn_temperature=0.07, linear_steps=500, linear_lr=0.1,
-                      linear_weight_decay=1e-4, seed=0) -> dict:
+                      knn_k: int, knn_temperature: float, linear_steps: int, linear_optimizer: str,
+                      linear_lr: float, linear_weight_decay: float, seed: int) -> dict:
     """Run both probes and score them on the test set.
 
     Returns {"knn": {"accuracy": float, "auc": float}, "linear": {"accuracy": float,
@@ -143,7 +143,7 @@ def evaluate_features(train_features, train_labels, test_features, test_labels, 
                             k=knn_k, temperature=knn_temperature)
     lin_probs = linear_probe(train_features, train_labels, test_features, num_classes,
                              steps=linear_steps, learning_rate=linear_lr,
-                             weight_decay=linear_weight_decay, seed=seed)
+                             weight_decay=linear_weight_decay, seed=seed, optimizer=linear_optimizer)
     return {
         "knn": {"accuracy": accuracy(knn_probs, test_labels),
                 "auc": roc_auc(knn_probs, test_labels)},
@@ -158,5 +158,5 @@ def evaluate_with_config(config, f_train, y_train, f_test, y_test, num_classes: 
     ev = config.eval
     return evaluate_features(f_train, y_train, f_test, y_test, num_classes, knn_k=ev.knn_k,
                              knn_temperature=ev.knn_temperature, linear_steps=ev.linear_steps,
-                             linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
+                             linear_optimizer=ev.linear_optimizer, linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
                              seed=config.seed)

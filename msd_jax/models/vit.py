@@ -30,27 +30,14 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
-    """Static shape of a ViT; built from `config.model` (see `from_config`)."""
-    image_size: int = 64
-    patch_size: int = 8
-    channels: int = 1
-    embed_dim: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    pos_embed: str = "sincos"  # 'sincos' (fixed 2-D sin-cos) or 'random' (trunc-normal 0.02)
-    out_dim: int = 4096
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_layers: int = 3
-    dtype: str = "float32"  # compute dtype of the body; parameters stay float32
-    # operands of the body's dense layers when dtype is float32: 'bfloat16' rounds them to bfloat16
-    # and accumulates in float32 (a TPU's default matmul precision; ~1.5x faster steps on CPUs with
-    # AVX512-BF16, see models/matmul.py). The DINO head stays float32: its output is sharpened by
-    # the teacher temperature (/0.04), which would magnify the rounding, and it is ~2 % of the
-    # demo's FLOPs (counted by hand)
-    matmul_dtype: str = "float32"
+class HeadConfig:
+    """What the sites' head is (the fields head.json records): patch embedding of p x p patches of
+    an image_size x image_size x channels image into embed_dim, plus the position embedding."""
+    image_size: int
+    patch_size: int
+    channels: int
+    embed_dim: int
+    pos_embed: str  # 'sincos' (fixed 2-D sin-cos) or 'random' (trunc-normal 0.02)
 
     @property
     def grid(self) -> int:
@@ -64,7 +51,7 @@ class ViTConfig:
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * self.channels
 
-    def validate(self) -> "ViTConfig":
+    def validate(self):
         if self.channels not in (1, 3):
             raise ValueError(f"config.model.channels: expected 1 or 3, got {self.channels}")
         if self.patch_size < 1 or self.image_size < self.patch_size:
@@ -73,6 +60,34 @@ class ViTConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"config.model.image_size={self.image_size} is not divisible by "
                              f"config.model.patch_size={self.patch_size}")
+        if self.pos_embed not in ("sincos", "random"):
+            raise ValueError(f"config.model.pos_embed: expected 'sincos' or 'random', got {self.pos_embed!r}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ValueError(f"config.model.embed_dim={self.embed_dim} must be divisible by 4 for sincos")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(HeadConfig):
+    """Static shape of the whole ViT: the head, the body and the DINO projection head; built from
+    `config.model` by `from_config` (msd_jax/config.py holds every default)."""
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    out_dim: int
+    head_hidden_dim: int
+    head_bottleneck_dim: int
+    head_layers: int
+    dtype: str  # compute dtype of the body; parameters stay float32
+    # operands of the body's dense layers when dtype is float32: 'bfloat16' rounds them to bfloat16
+    # and accumulates in float32 (a TPU's default matmul precision; ~1.5x faster steps on CPUs with
+    # AVX512-BF16, see models/matmul.py). The DINO head stays float32: its output is sharpened by
+    # the teacher temperature (/0.04), which would magnify the rounding, and it is ~2 % of the
+    # demo's FLOPs (counted by hand)
+    matmul_dtype: str
+
+    def validate(self) -> "ViTConfig":
+        super().validate()
         if self.embed_dim % self.num_heads:
             raise ValueError(f"config.model.embed_dim={self.embed_dim} is not divisible by "
                              f"config.model.num_heads={self.num_heads}")
@@ -80,24 +95,28 @@ class ViTConfig:
             if getattr(self, field) not in ("float32", "bfloat16"):
                 raise ValueError(f"config.model.{field}: expected 'float32' or 'bfloat16', got "
                                  f"{getattr(self, field)!r}")
-        if self.pos_embed not in ("sincos", "random"):
-            raise ValueError(f"config.model.pos_embed: expected 'sincos' or 'random', got {self.pos_embed!r}")
-        if self.pos_embed == "sincos" and self.embed_dim % 4:
-            raise ValueError(f"config.model.embed_dim={self.embed_dim} must be divisible by 4 for sincos")
         return self
 
     @classmethod
     def from_config(cls, model_cfg) -> "ViTConfig":
-        """`model_cfg.variant` ('Ti' | 'S' | 'B' | 'custom') fills embed_dim/depth/num_heads."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in dict(model_cfg).items() if k in fields}
-        variant = model_cfg.get("variant", "custom")
+        """Every field from `config.model`. A named `variant` must already be resolved into
+        embed_dim/depth/num_heads (msd_jax.config.validate does it when the config is read), so
+        that the config records what runs."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in model_cfg]
+        if missing:
+            raise ValueError(f"config.model: missing {missing} (start the config from "
+                             "msd_jax.config.base_config())")
+        variant = model_cfg["variant"]
         if variant != "custom":
             if variant not in VARIANTS:
                 raise ValueError(f"config.model.variant: expected one of {sorted(VARIANTS)} or "
                                  f"'custom', got {variant!r}")
-            kw["embed_dim"], kw["depth"], kw["num_heads"] = VARIANTS[variant]
-        return cls(**kw).validate()
+            shape = (model_cfg["embed_dim"], model_cfg["depth"], model_cfg["num_heads"])
+            if shape != VARIANTS[variant]:
+                raise ValueError(f"config.model.variant={variant!r} means embed_dim/depth/num_heads "
+                                 f"{VARIANTS[variant]}, but the config holds {shape}: read the config "
+                                 "through msd_jax.config.validate, which resolves the variant")
+        return cls(**{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}).validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,7 +162,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 
 class PatchHead(nn.Module):
     """Client-side head: linear patch embedding + position embedding. Fixed during training."""
-    cfg: ViTConfig
+    cfg: HeadConfig
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -330,7 +349,7 @@ def embed_images(model_cfg: ViTConfig, patch_embed, pos_embed, images, mean: flo
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def init_head(cfg: ViTConfig, key: jax.Array) -> dict:
+def init_head(cfg: HeadConfig, key: jax.Array) -> dict:
     dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
     return PatchHead(cfg).init(key, dummy)["params"]
 
@@ -351,6 +370,8 @@ def count_params(tree) -> int:
 
 
 def is_decay_param(path: Sequence[Any], _leaf=None) -> bool:
-    """DINO excludes biases, norms, the CLS token and position embeddings from weight decay."""
+    """Whether weight decay applies: not to biases, norm scales, the CLS token and the position
+    embeddings. (DINO's get_params_groups exempts only biases and 1-D tensors, i.e. biases and norm
+    scales; the CLS token and position embeddings are exempt here too, as in MAE/BEiT fine-tuning.)"""
     last = getattr(path[-1], "key", str(path[-1]))
     return last not in ("bias", "scale", "cls_token", "cls_pos_embed", "pos_embed")

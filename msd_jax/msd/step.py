@@ -40,25 +40,25 @@ class TrainState:
 class StepConfig:
     """Every number the step needs, resolved to steps (see `from_config`)."""
     total_steps: int
-    num_global: int = 2
-    size_global: int = 32
-    num_local: int = 6
-    size_local: int = 13
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup_steps: int = 0
-    center_momentum: float = 0.9
-    momentum_teacher: float = 0.996
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0
-    freeze_last_layer_steps: int = 0
-    b1: float = 0.9
-    b2: float = 0.999
+    num_global: int
+    size_global: int
+    num_local: int
+    size_local: int
+    student_temp: float
+    teacher_temp: float
+    warmup_teacher_temp: float
+    teacher_temp_warmup_steps: int
+    center_momentum: float
+    momentum_teacher: float
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    weight_decay_end: float
+    clip_grad: float
+    freeze_last_layer_steps: int
+    b1: float
+    b2: float
 
     @classmethod
     def from_config(cls, config, num_tokens: int, total_steps: int, steps_per_epoch: int,

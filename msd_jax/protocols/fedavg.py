@@ -113,7 +113,6 @@ def run_fedavg(config, wd: Workdir, *, rounds: int, local_steps, keep_rounds: bo
     else:
         model_io.save_params(_global_dir(wd, 0), template, model_cfg, role="fedavg global", round=0)
     traffic = [t for t in traffic if t["round"] < start]
-    sc = step_lib.StepConfig(total_steps=total)  # only to build a fresh Adam state
     for r in range(start, rounds):
         gdir = _global_dir(wd, r)
         uploads = []
@@ -121,6 +120,9 @@ def run_fedavg(config, wd: Workdir, *, rounds: int, local_steps, keep_rounds: bo
             udir = _upload_dir(wd, r, site)
             if not os.path.isfile(os.path.join(udir, model_io.META_FILE)):
                 g, _ = model_io.load_params(gdir, template, model_cfg)  # the site's download
+                # a fresh optimizer state each round (FedAvg averages the models, not Adam's moments)
+                sc = step_lib.StepConfig.from_config(config, tokens[site].shape[1], total, 1,
+                                                     config.train.batch_size)
                 fresh = step_lib.init_state(g["student"], 1, model_cfg.out_dim, sc)
                 state = fresh.replace(step=jnp.asarray(offsets[r], jnp.int32),
                                       ema_params=g["teacher"], center=jnp.asarray(g["center"]))

@@ -47,13 +47,13 @@ class ClassifierSettings:
     min_lr: float
     warmup_steps: int
     weight_decay: float
-    layer_decay: float = 1.0
-    clip_grad: float = 3.0
-    crop_scale: Tuple[float, float] = (0.6, 1.0)
-    feature_kind: str = "cls"
-    train_head: bool = True
-    b1: float = 0.9
-    b2: float = 0.999
+    layer_decay: float
+    clip_grad: float
+    crop_scale: Tuple[float, float]
+    feature_kind: str
+    train_head: bool
+    b1: float
+    b2: float
 
 
 def layer_id(path, depth: int) -> int:

@@ -1,0 +1,43 @@
+"""Helpers every test file shares: the repository's config files, and tiny models built from
+base_config() (the one place a default lives) with a few fields changed."""
+import importlib.util
+import pathlib
+
+from msd_jax import config as config_lib
+from msd_jax.models import vit
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg=None):
+    """configs/<name>.py's get_config(arg), as `--config configs/<name>.py[:arg]` reads it."""
+    path = REPO / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_model_config(**fields):
+    """base_config().model with `fields` changed, a named variant resolved (as the command line
+    does when it reads a config)."""
+    c = config_lib.base_config()
+    c.model.update(fields)
+    return config_lib.resolve_variant(c).model
+
+
+def tiny_model(**fields) -> vit.ViTConfig:
+    """The ViTConfig of tiny_model_config(**fields)."""
+    return vit.ViTConfig.from_config(tiny_model_config(**fields))
+
+
+# A model small enough for a training step in well under a second on one CPU core.
+TINY_MODEL = dict(image_size=16, patch_size=4, embed_dim=16, num_heads=2, depth=1, out_dim=32,
+                  head_hidden_dim=16, head_bottleneck_dim=8)
+
+
+def tiny_demo_config(**model_fields):
+    """configs/demo.py:quick (the demo's recipe) with TINY_MODEL, then `model_fields`."""
+    c = load_config("demo", "quick")
+    c.model.update({**TINY_MODEL, **model_fields})
+    return c
