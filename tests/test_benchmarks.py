@@ -20,6 +20,7 @@ from msd_jax.models import vit  # noqa: E402
 from msd_jax.msd import loss as loss_lib  # noqa: E402
 from msd_jax.msd import step as step_lib  # noqa: E402
 from msd_jax.msd import views as views_lib  # noqa: E402
+from conftest import tiny_model
 from np_reference import np_dino_loss  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def tiny_model_cfg(**kw):
     base = dict(embed_dim=DIM, depth=2, num_heads=4, out_dim=64, head_hidden_dim=48,
                 head_bottleneck_dim=16, head_layers=3, image_size=16, patch_size=4)
     base.update(kw)
-    return vit.ViTConfig(**base).validate()
+    return tiny_model(**base)
 
 
 def perturbed_params(cfg, seed=0):
