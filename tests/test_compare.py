@@ -4,6 +4,7 @@ aggregation, and every row end to end on tiny ImageFolder trees.
 References are independent of the code under test: budgets recomputed from the config numbers and
 the plan's own steps, hand-computed splits, numpy means, and file sizes read with os.stat.
 """
+import copy
 import importlib.util
 import json
 import os
@@ -12,7 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from msd_jax.data import sites as sites_lib
 from msd_jax.experiments.compare import budget, command, report, settings
+from msd_jax.experiments.compare import rows as compare_rows
+from msd_jax.layout import Workdir
+from msd_jax.training import train as train_lib
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -170,13 +175,19 @@ def dir_size(path):
     return sum(os.stat(os.path.join(r, f)).st_size for r, _, fs in os.walk(path) for f in fs)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare_data")
+def tiny_folders_config(root):
+    """The tiny config on two hospitals' ImageFolder trees, a test and a proxy tree under `root`."""
     sites = [make_folder(root / "hospital_a", 1), make_folder(root / "hospital_b", 2)]
     c = load_config("tiny")
     c.data.update(name="folders", site_dirs=",".join(sites), test_dir=make_folder(root / "test", 9),
                   proxy_dir=make_folder(root / "proxy", 5, n=4), cache_dir=str(root / "tfds"))
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare_data")
+    c = tiny_folders_config(root)
     # per-site fine-tuning (1 + sites fine-tunes per row) is left off to keep this test short;
     # the persistent compilation cache (in the tmp work directory) makes the repeated compiles cheap
     c.quick_settings.compare.finetune_per_site = False
@@ -260,3 +271,26 @@ def test_report_only_uses_existing_results(tiny_run, tmp_path):
     assert not os.path.isdir(os.path.join(work, "runs", "msd_token_upload", "seed1"))
     md = open(os.path.join(work, "comparison.md")).read()
     assert "msd_token_upload/seed1" in md and "report_only" in md
+
+
+def test_planned_steps_reach_the_trainers_and_the_config_is_left_alone(tmp_path, monkeypatch):
+    """Each party trains the steps its row's plan gives it (not the config's train.site_steps,
+    train.num_steps or merge.num_steps), and running the rows changes nothing in the config."""
+    c = settings.apply_quick(tiny_folders_config(tmp_path))
+    data = sites_lib.load(c)
+    before = copy.deepcopy(c.to_dict())
+    real_train, seen = train_lib.train, []
+
+    def recording_train(config, *, party, total_steps, **kw):
+        seen.append((party, total_steps))
+        return real_train(config, party=party, total_steps=total_steps, **kw)
+    monkeypatch.setattr(train_lib, "train", recording_train)
+
+    def run(row, steps):
+        compare_rows.RUNNERS[row](c, Workdir(str(tmp_path / row)), data, {"steps": steps}, lambda *_: None)
+    run("msd_model_upload", {"hospital_a": 3, "hospital_b": 2, "merge": 4})
+    run("msd_token_upload", {"server": 5})
+    assert seen == [("hospital_a", 3), ("hospital_b", 2), ("server_merge", 4), ("server", 5)]
+    with open(tmp_path / "msd_model_upload" / "uploads" / "hospital_b" / "model.json") as f:
+        assert json.load(f)["steps"] == 2
+    assert c.to_dict() == before
