@@ -86,9 +86,10 @@ def plan_budget(config, site_sizes: list[int], proxy_size: int | None = None,
     merge_steps = max(1, int(round(float(c.merge_frac) * target / (V * b_merge))))
     site_steps = _split_steps(target - V * b_merge * merge_steps, weights, b_sites, V)
     plan["msd_model_upload"] = _entry(
-        {**dict(zip(names, site_steps)), "merge": merge_steps}, {**dict(zip(names, b_sites)), "merge": b_merge},
-        V, target, f"site steps {site_steps} ({c.site_split} split) + {merge_steps} merge steps on "
-                   f"{n_merge} {config.merge.data} token sets, {V} views")
+        {**dict(zip(names, site_steps)), "merge": merge_steps},
+        {**dict(zip(names, b_sites)), "merge": b_merge}, V, target,
+        f"site steps {site_steps} ({c.site_split} split) + {merge_steps} merge steps on "
+        f"{n_merge} {config.merge.data} token sets, {V} views")
     local_steps = _split_steps(target, weights, b_sites, V)
     plan["local_only"] = _entry(dict(zip(names, local_steps)), dict(zip(names, b_sites)), V, target,
                                 f"each site alone, steps {local_steps} ({c.site_split} split), {V} views")

@@ -62,7 +62,8 @@ def _run_model_upload(config, wd, data, plan, log):
 
 
 def _run_local_only(config, wd, data, plan, log):
-    cfg = protocol_config(config, "model_upload", merge_data="uploaded")  # no merge: no proxy set to encrypt
+    # no merge, so no proxy set to encrypt
+    cfg = protocol_config(config, "model_upload", merge_data="uploaded")
     parties.run_encrypt(cfg, wd, data, log=log)
     _train_sites(cfg, wd, data, plan, log)
     head = _head(cfg, wd)
@@ -74,7 +75,8 @@ def _run_local_only(config, wd, data, plan, log):
 
 
 def _run_fedavg(config, wd, data, plan, log):
-    cfg = protocol_config(config, "token_upload")  # sites encrypt their own images (the shards stay at the site)
+    # the sites encrypt their own images as in token upload, but the shards stay at the site
+    cfg = protocol_config(config, "token_upload")
     parties.run_encrypt(cfg, wd, data, log=log)
     out = fedavg.run_fedavg(cfg, wd, rounds=plan["rounds"], local_steps=plan["local_steps"], log=log)
     return ([("global", _head(cfg, wd), out["teacher"]["body"])], comm.fedavg_traffic(wd, out["traffic"]),
