@@ -1,4 +1,4 @@
-"""Every protocol and baseline at one compute budget, over several seeds (msd_jax/experiments/compare.py).
+"""Every protocol and baseline at one compute budget, over several seeds (msd_jax/experiments/compare/).
 
   python -m msd_jax.main --config configs/compare.py --workdir DIR                     # one GPU
   python -m msd_jax.main --config configs/compare.py --config.quick=True --workdir DIR # 2 CPU cores
@@ -17,9 +17,7 @@ in quick mode, override it as --config.quick_settings.<section>.<key>=...
 import ml_collections
 
 from msd_jax.config import base_config
-
-ROWS = ("msd_token_upload,msd_model_upload,fedavg_msd,local_only,centralized_dino,centralized_msd,"
-        "no_pretraining,supervised_scratch")
+from msd_jax.experiments.compare.settings import ROWS
 
 
 def get_config(arg=None):
@@ -38,7 +36,7 @@ def get_config(arg=None):
     c.eval.finetune_lr = 4e-3
     c.compare = ml_collections.ConfigDict(dict(
         seeds=3,                  # seeds config.seed, +1, ...: partition, head and every key change
-        rows=ROWS,                # comma-separated subset of msd_jax.experiments.compare.ROWS
+        rows=",".join(ROWS),      # comma-separated subset of msd_jax.experiments.compare.settings.ROWS
         budget_steps=600,         # the budget: token-upload server steps x batch x views per image
         merge_frac=0.25,          # model upload: share of the budget spent on the one-shot merge
         site_split="size",        # model upload / local only: site steps 'size'-proportional or 'equal'

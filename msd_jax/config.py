@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from msd_jax.encryption.modes import ALL_MODES
+
 PROTOCOLS = ("token_upload", "model_upload")
 MODES = ("all", "setup", "encrypt", "site", "server", "eval")
 # what `python -m msd_jax.main` runs: the single-round pipeline (by --mode), the comparison of every
@@ -156,8 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.audit = ml_collections.ConfigDict(dict(
         # privacy audit (configs/audit.py): every attack against every mode
-        modes="paper,masked,feature_perm,secret_head,feature_perm+masked,secret_head+masked,"
-              "secret_head+feature_perm+masked",
+        modes=",".join(ALL_MODES),
         attack_images=300,        # site images attacked (what the server received)
         public_images=0,          # attacker's look-alike set (server's proxy split); 0 = all of it
         kmeans_iters=30,

@@ -37,8 +37,8 @@ def main(argv):
     os.makedirs(wd.root, exist_ok=True)
     mode = FLAGS.mode
     if config.job == "compare":
-        from msd_jax.experiments import compare
-        compare.run_compare(config, wd.root)
+        from msd_jax.experiments.compare.command import run_compare
+        run_compare(config, wd.root)
         return
     if config.job == "audit":
         from msd_jax.experiments.privacy import audit

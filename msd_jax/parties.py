@@ -83,26 +83,30 @@ def run_encrypt(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -
     _record(wd, "encrypt", seconds=time.perf_counter() - t0)
 
 
-def run_sites(config, wd: Workdir, site_names: list[str], log=print) -> None:
-    """Model upload, at each site: train from the initial student, upload the model."""
+def run_sites(config, wd: Workdir, site_names: list[str], log=print, *,
+              site_steps: int | None = None) -> None:
+    """Model upload, at each site: train from the initial student for `site_steps` steps (default
+    config.train.site_steps), upload the model."""
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(wd.initial, model_io.META_FILE)):
         model_upload.send_initial(config, wd)  # the server's job; done here when running all parties
     for name in site_names:
-        nbytes = model_upload.train_site(config, wd, name, log=log)
+        nbytes = model_upload.train_site(config, wd, name, log=log, site_steps=site_steps)
         log(f"[{name}] uploaded model: {nbytes / 2**20:.2f} MiB")
     _record(wd, "site_training", seconds=time.perf_counter() - t0)
 
 
-def run_server(config, wd: Workdir, log=print) -> None:
-    """Server: train on uploaded tokens, or merge uploaded models; writes backbone/."""
+def run_server(config, wd: Workdir, log=print, *, num_steps: int | None = None) -> None:
+    """Server: train on uploaded tokens, or merge uploaded models; writes backbone/. `num_steps`:
+    the server's steps (default config.train.num_steps for token upload, config.merge.num_steps for
+    the merge)."""
     t0 = time.perf_counter()
     model_cfg = vit.ViTConfig.from_config(config.model)
     head_params = encrypt.server_head(config, wd.head, model_cfg)  # zeros in a secret mode
     if config.protocol == "token_upload":
-        teacher = token_upload.train_server(config, wd, log=log)
+        teacher = token_upload.train_server(config, wd, log=log, num_steps=num_steps)
     else:
-        teacher = model_upload.merge(config, wd, log=log)
+        teacher = model_upload.merge(config, wd, log=log, num_steps=num_steps)
     model_io.save_backbone(wd.backbone, head_params, teacher["body"], model_cfg,
                            protocol=config.protocol, seed=config.seed,
                            encrypt_mode=modes_lib.canonical(config.encrypt.mode),

@@ -1,9 +1,10 @@
-"""The comparison command (msd_jax/experiments/compare.py, configs/compare.py): the budget split, the
+"""The comparison command (msd_jax/experiments/compare/, configs/compare.py): the budget split, the
 aggregation, and every row end to end on tiny ImageFolder trees.
 
 References are independent of the code under test: budgets recomputed from the config numbers and
 the plan's own steps, hand-computed splits, numpy means, and file sizes read with os.stat.
 """
+import copy
 import importlib.util
 import json
 import os
@@ -12,14 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msd_jax.experiments import compare
+from msd_jax.data import sites as sites_lib
+from msd_jax.experiments.compare import budget, command, report, settings
+from msd_jax.experiments.compare import rows as compare_rows
+from msd_jax.layout import Workdir
+from msd_jax.training import train as train_lib
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def load_config(arg=None):
     spec = importlib.util.spec_from_file_location("compare_config_for_tests",
-                                                  os.path.join(REPO, "configs", "experiments/compare.py"))
+                                                  os.path.join(REPO, "configs", "compare.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(arg)
@@ -36,13 +41,13 @@ def views_of(plan_row, V_pretrain, one_view=False):
 @pytest.mark.parametrize("split", ["size", "equal"])
 @pytest.mark.parametrize("sizes", [[475, 439, 1139, 106], [900, 20], [300] * 8])
 def test_every_protocol_gets_the_same_image_views(split, sizes):
-    c = compare.apply_quick(load_config())
+    c = settings.apply_quick(load_config())
     c.compare.site_split = split
-    plan = compare.plan_budget(c, sizes, proxy_size=240)
+    plan = budget.plan_budget(c, sizes, proxy_size=240)
     V = c.msd.num_global + c.msd.num_local
     target = V * min(c.train.batch_size, sum(sizes)) * c.compare.budget_steps
     assert plan["target_image_views"] == target
-    for row in compare.ROWS:
+    for row in settings.ROWS:
         p = plan[row]
         if row == "no_pretraining":
             assert p["image_views"] == 0 and p["optimizer_steps"] == 0
@@ -55,15 +60,15 @@ def test_every_protocol_gets_the_same_image_views(split, sizes):
         bound = sum((1 if row == "supervised_scratch" else V) * b for b in p["batch"].values())
         assert abs(got - target) <= bound, (row, got, target)
         assert abs(got - target) / target < 0.05, (row, got, target)
-    assert compare.budget_is_fair(plan, tolerance=0.05)
+    assert budget.budget_is_fair(plan, tolerance=0.05)
 
 
 def test_budget_exact_when_divisible():
-    c = compare.apply_quick(load_config())
+    c = settings.apply_quick(load_config())
     c.msd.update(num_global=2, num_local=2)
     c.train.batch_size = 10
     c.compare.update(budget_steps=80, merge_frac=0.25, fedavg_rounds=4, site_split="equal")
-    plan = compare.plan_budget(c, [100, 100, 100, 100], proxy_size=50)
+    plan = budget.plan_budget(c, [100, 100, 100, 100], proxy_size=50)
     # 4 views x 10 images x 80 steps = 3200; merge 0.25 -> 20 steps; sites (3200 - 800) / 4 / 40 = 15
     assert plan["target_image_views"] == 3200
     assert plan["msd_model_upload"]["steps"] == {"site0": 15, "site1": 15, "site2": 15, "site3": 15,
@@ -71,17 +76,17 @@ def test_budget_exact_when_divisible():
     assert plan["local_only"]["steps"] == {f"site{i}": 20 for i in range(4)}
     assert plan["fedavg_msd"]["local_steps"] == [5] * 4 and plan["fedavg_msd"]["rounds"] == 4  # 3200/(4*4*40)
     assert plan["supervised_scratch"]["steps"] == {"server": 320}
-    for row in compare.ROWS:
+    for row in settings.ROWS:
         if row != "no_pretraining":
             assert plan[row]["image_views"] == 3200 and plan[row]["rounding"] == 0, row
 
 
 def test_budget_size_split_hand_computed():
-    c = compare.apply_quick(load_config())
+    c = settings.apply_quick(load_config())
     c.msd.update(num_global=2, num_local=2)
     c.train.batch_size = 10
     c.compare.update(budget_steps=10, merge_frac=0.5, fedavg_rounds=5, site_split="size")
-    plan = compare.plan_budget(c, [30, 10], proxy_size=20)
+    plan = budget.plan_budget(c, [30, 10], proxy_size=20)
     # target 4 x 10 x 10 = 400; merge 0.5 x 400 / 40 = 5 steps; sites 200 split 3:1 -> 150 / 40 = 3.75
     # -> 4 steps and 50 / 40 = 1.25 -> 1 step; views 40 x (4 + 1 + 5) = 400
     assert plan["msd_model_upload"]["steps"] == {"site0": 4, "site1": 1, "merge": 5}
@@ -92,12 +97,12 @@ def test_budget_size_split_hand_computed():
     assert plan["fedavg_msd"]["local_steps"] == [1] * 5
     # 3 rounds: 5 steps -> 2, 2, 1
     c.compare.fedavg_rounds = 3
-    assert compare.plan_budget(c, [30, 10], proxy_size=20)["fedavg_msd"]["local_steps"] == [2, 2, 1]
+    assert budget.plan_budget(c, [30, 10], proxy_size=20)["fedavg_msd"]["local_steps"] == [2, 2, 1]
 
 
 def test_small_site_uses_its_own_batch():
-    c = compare.apply_quick(load_config())
-    plan = compare.plan_budget(c, [500, 5], proxy_size=100)
+    c = settings.apply_quick(load_config())
+    plan = budget.plan_budget(c, [500, 5], proxy_size=100)
     assert plan["fedavg_msd"]["batch"] == {"site0": c.train.batch_size, "site1": 5}
 
 
@@ -111,26 +116,26 @@ def test_bad_settings_are_named(field, value, match):
     c = load_config()
     c.compare[field] = value
     with pytest.raises(ValueError, match=match):
-        compare.check_config(c)
+        settings.check_config(c)
 
 
 def test_sweep_parsing():
     c = load_config()
-    assert compare.parse_sweep("data.num_sites=2,4,8", c) == ("data.num_sites", [2, 4, 8])
-    assert compare.parse_sweep("data.alpha=0.1,0.5,10", c) == ("data.alpha", [0.1, 0.5, 10.0])
-    assert compare.parse_sweep("merge.data=proxy,uploaded", c) == ("merge.data", ["proxy", "uploaded"])
+    assert settings.parse_sweep("data.num_sites=2,4,8", c) == ("data.num_sites", [2, 4, 8])
+    assert settings.parse_sweep("data.alpha=0.1,0.5,10", c) == ("data.alpha", [0.1, 0.5, 10.0])
+    assert settings.parse_sweep("merge.data=proxy,uploaded", c) == ("merge.data", ["proxy", "uploaded"])
     with pytest.raises(ValueError, match="config.compare.sweep"):
-        compare.parse_sweep("data.nope=1", c)
+        settings.parse_sweep("data.nope=1", c)
     with pytest.raises(ValueError, match="config.compare.sweep"):
-        compare.parse_sweep("data.alpha", c)
+        settings.parse_sweep("data.alpha", c)
 
 
 def test_quick_settings_applied_only_in_quick_mode():
     c = load_config()
-    full = compare.apply_quick(c)
+    full = settings.apply_quick(c)
     assert full.model.embed_dim == c.model.embed_dim
     c.quick = True
-    q = compare.apply_quick(c)
+    q = settings.apply_quick(c)
     for section, values in c.quick_settings.items():
         for k, v in values.items():
             assert q[section][k] == v
@@ -143,7 +148,7 @@ def test_aggregate_mean_and_std():
         for g in ("knn", "linear", "finetune"):
             r[g] = {"accuracy": lin, "auc": 1.0}
         return r
-    rows = compare.aggregate({"a": [res(0, 0.8, 100), res(1, 0.9, 300)]})
+    rows = report.aggregate({"a": [res(0, 0.8, 100), res(1, 0.9, 300)]})
     assert rows[0]["name"] == "a" and rows[0]["seeds"] == [0, 1]
     assert rows[0]["linear_accuracy_mean"] == pytest.approx(0.85)
     assert rows[0]["linear_accuracy_std"] == pytest.approx(0.05)  # ddof=0: |0.8 - 0.85|
@@ -170,19 +175,25 @@ def dir_size(path):
     return sum(os.stat(os.path.join(r, f)).st_size for r, _, fs in os.walk(path) for f in fs)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare_data")
+def tiny_folders_config(root):
+    """The tiny config on two hospitals' ImageFolder trees, a test and a proxy tree under `root`."""
     sites = [make_folder(root / "hospital_a", 1), make_folder(root / "hospital_b", 2)]
     c = load_config("tiny")
     c.data.update(name="folders", site_dirs=",".join(sites), test_dir=make_folder(root / "test", 9),
                   proxy_dir=make_folder(root / "proxy", 5, n=4), cache_dir=str(root / "tfds"))
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare_data")
+    c = tiny_folders_config(root)
     # per-site fine-tuning (1 + sites fine-tunes per row) is left off to keep this test short;
     # the persistent compilation cache (in the tmp work directory) makes the repeated compiles cheap
     c.quick_settings.compare.finetune_per_site = False
     wd = str(root / "work")
     logs = []
-    rows = compare.run_compare(c, wd, log=logs.append)
+    rows = command.run_compare(c, wd, log=logs.append)
     return c, wd, rows, logs
 
 
@@ -191,10 +202,10 @@ def test_every_row_runs_end_to_end(tiny_run):
     with open(os.path.join(wd, "comparison.json")) as f:
         out = json.load(f)
     names = [r["name"] for r in out["rows"]]
-    assert names == list(compare.ROWS)
+    assert names == list(settings.ROWS)
     assert os.path.getsize(os.path.join(wd, "comparison.png")) > 0
     md = open(os.path.join(wd, "comparison.md")).read()
-    for name in compare.ROWS:
+    for name in settings.ROWS:
         assert f"| {name} |" in md
     for r in out["rows"]:
         for key in ("knn_accuracy_mean", "linear_accuracy_mean", "finetune_accuracy_mean",
@@ -203,7 +214,7 @@ def test_every_row_runs_end_to_end(tiny_run):
         assert 0.0 <= r["linear_accuracy_mean"] <= 1.0
     target = out["target_image_views"]
     by = {r["name"]: r for r in out["rows"]}
-    for name in compare.ROWS:
+    for name in settings.ROWS:
         if name != "no_pretraining":
             assert abs(by[name]["image_views"] - target) <= 0.25 * target, name
     assert by["no_pretraining"]["image_views"] == 0 and by["no_pretraining"]["bytes_up"] == 0
@@ -240,8 +251,8 @@ def test_bytes_are_the_files_moved(tiny_run):
 def test_rerun_skips_finished_results(tiny_run):
     c, wd, rows, _ = tiny_run
     logs = []
-    again = compare.run_compare(c, wd, log=logs.append)
-    assert sum("result exists, skipped" in m for m in logs) == len(compare.ROWS)
+    again = command.run_compare(c, wd, log=logs.append)
+    assert sum("result exists, skipped" in m for m in logs) == len(settings.ROWS)
     assert again == rows
 
 
@@ -255,8 +266,31 @@ def test_report_only_uses_existing_results(tiny_run, tmp_path):
     c.compare.report_only = True
     c.quick_settings.compare.seeds = 2  # seed 1 was never run: it must not be trained here
     logs = []
-    again = compare.run_compare(c, work, log=logs.append)
+    again = command.run_compare(c, work, log=logs.append)
     assert again == rows
     assert not os.path.isdir(os.path.join(work, "runs", "msd_token_upload", "seed1"))
     md = open(os.path.join(work, "comparison.md")).read()
     assert "msd_token_upload/seed1" in md and "report_only" in md
+
+
+def test_planned_steps_reach_the_trainers_and_the_config_is_left_alone(tmp_path, monkeypatch):
+    """Each party trains the steps its row's plan gives it (not the config's train.site_steps,
+    train.num_steps or merge.num_steps), and running the rows changes nothing in the config."""
+    c = settings.apply_quick(tiny_folders_config(tmp_path))
+    data = sites_lib.load(c)
+    before = copy.deepcopy(c.to_dict())
+    real_train, seen = train_lib.train, []
+
+    def recording_train(config, *, party, total_steps, **kw):
+        seen.append((party, total_steps))
+        return real_train(config, party=party, total_steps=total_steps, **kw)
+    monkeypatch.setattr(train_lib, "train", recording_train)
+
+    def run(row, steps):
+        compare_rows.RUNNERS[row](c, Workdir(str(tmp_path / row)), data, {"steps": steps}, lambda *_: None)
+    run("msd_model_upload", {"hospital_a": 3, "hospital_b": 2, "merge": 4})
+    run("msd_token_upload", {"server": 5})
+    assert seen == [("hospital_a", 3), ("hospital_b", 2), ("server_merge", 4), ("server", 5)]
+    with open(tmp_path / "msd_model_upload" / "uploads" / "hospital_b" / "model.json") as f:
+        assert json.load(f)["steps"] == 2
+    assert c.to_dict() == before

@@ -28,9 +28,11 @@ def send_initial(config, wd: Workdir) -> int:
                                 role="initial student")
 
 
-def train_site(config, wd: Workdir, site: str, log=print) -> int:
-    """Site: trains on its own shards from the initial student; writes uploads/<site>/ (the EMA
-    teacher, the site's model) and returns the bytes uploaded."""
+def train_site(config, wd: Workdir, site: str, log=print, *, site_steps: int | None = None) -> int:
+    """Site: trains on its own shards from the initial student for `site_steps` steps (default
+    config.train.site_steps); writes uploads/<site>/ (the EMA teacher, the site's model) and returns
+    the bytes uploaded."""
+    steps = config.train.site_steps if site_steps is None else site_steps
     model_cfg = vit.ViTConfig.from_config(config.model)
     fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
     tokens, _ = shards.load_shards(wd.shards(site), expected_fingerprint=fingerprint)
@@ -39,9 +41,9 @@ def train_site(config, wd: Workdir, site: str, log=print) -> int:
     state = train.train(config, party=site, tokens=tokens, init_params=initial,
                         ckpt_dir=wd.checkpoints(site), metrics_path=wd.metrics(site),
                         tensorboard_dir=wd.tensorboard(site),
-                        total_steps=config.train.site_steps, log=log)
+                        total_steps=steps, log=log)
     return model_io.save_params(wd.upload(site), state.ema_params, model_cfg, site=site,
-                                num_images=int(len(tokens)), steps=config.train.site_steps)
+                                num_images=int(len(tokens)), steps=steps)
 
 
 def merged_init(site_params: list, initial, how: str):
@@ -68,9 +70,11 @@ def distillation_tokens(config, wd: Workdir, fingerprint: str) -> np.ndarray:
     return load_uploaded_tokens(wd, fingerprint, wd.uploaded_sites())
 
 
-def merge(config, wd: Workdir, log=print):
-    """Server: one-shot distillation of the uploaded site models into one student. Returns the
-    merged student's EMA parameters {'body', 'heads_0', ...}."""
+def merge(config, wd: Workdir, log=print, *, num_steps: int | None = None):
+    """Server: one-shot distillation of the uploaded site models into one student for `num_steps`
+    steps (default config.merge.num_steps). Returns the merged student's EMA parameters
+    {'body', 'heads_0', ...}."""
+    steps = config.merge.num_steps if num_steps is None else num_steps
     model_cfg = vit.ViTConfig.from_config(config.model)
     fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
     sites = wd.uploaded_models()
@@ -86,6 +90,6 @@ def merge(config, wd: Workdir, log=print):
     state = train.train(config, party="server_merge", tokens=tokens, init_params=student,
                         ckpt_dir=wd.checkpoints("server_merge"), metrics_path=wd.metrics("server_merge"),
                         tensorboard_dir=wd.tensorboard("server_merge"),
-                        total_steps=config.merge.num_steps, num_heads_out=len(sites),
+                        total_steps=steps, num_heads_out=len(sites),
                         site_params=stacked, log=log)
     return state.ema_params

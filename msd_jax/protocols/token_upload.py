@@ -22,8 +22,10 @@ def load_uploaded_tokens(wd: Workdir, fingerprint: str, sites: list[str]) -> np.
     return np.concatenate(parts)
 
 
-def train_server(config, wd: Workdir, log=print):
-    """Returns the trained teacher's parameters {'body', 'heads_0'}."""
+def train_server(config, wd: Workdir, log=print, *, num_steps: int | None = None):
+    """Trains for `num_steps` steps (default config.train.num_steps); returns the trained teacher's
+    parameters {'body', 'heads_0'}."""
+    steps = config.train.num_steps if num_steps is None else num_steps
     model_cfg = vit.ViTConfig.from_config(config.model)
     fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
     tokens = load_uploaded_tokens(wd, fingerprint, wd.uploaded_sites())
@@ -31,5 +33,5 @@ def train_server(config, wd: Workdir, log=print):
                         init_params=train.init_student_params(config),
                         ckpt_dir=wd.checkpoints("server"), metrics_path=wd.metrics("server"),
                         tensorboard_dir=wd.tensorboard("server"),
-                        total_steps=config.train.num_steps, log=log)
+                        total_steps=steps, log=log)
     return state.ema_params

@@ -1,0 +1,137 @@
+"""The comparison's report: the row-seed results aggregated over seeds, written as
+DIR/comparison.json, comparison.md (the table) and comparison.png (accuracy vs bytes moved); for a
+sweep, DIR/ablation.json and ablation.md."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from msd_jax.experiments.compare.results import write_json
+
+METRICS = (("knn", "accuracy"), ("knn", "auc"), ("linear", "accuracy"), ("linear", "auc"),
+           ("finetune", "accuracy"), ("finetune", "auc"), ("finetune_per_site", "accuracy"),
+           ("finetune_per_site", "auc"))
+
+
+def aggregate(results: dict[str, list[dict]]) -> list[dict]:
+    """One row per protocol: mean and std (population, ddof=0) over seeds of every metric; bytes,
+    rounds, image-views, optimizer steps and wall time as means over seeds."""
+    rows = []
+    for name, rs in results.items():
+        if not rs:
+            continue
+        row = {"name": name, "seeds": [r["seed"] for r in rs]}
+        for group, metric in METRICS:
+            vals = [r[group][metric] for r in rs if group in r]
+            if vals:
+                row[f"{group}_{metric}_mean"] = float(np.mean(vals))
+                row[f"{group}_{metric}_std"] = float(np.std(vals))
+        for k in ("bytes_up", "bytes_down", "rounds", "image_views", "optimizer_steps", "wall_s", "eval_s"):
+            row[k] = float(np.mean([r[k] for r in rs]))
+        row["how"] = rs[0]["budget"]["how"]
+        if "best" in rs[0]:
+            row["best_linear_accuracy_mean"] = float(np.mean([r["best"]["linear"] for r in rs]))
+        rows.append(row)
+    return rows
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def _pm(row, key) -> str:
+    if f"{key}_mean" not in row:
+        return "-"
+    return f"{row[key + '_mean']:.3f} ± {row[key + '_std']:.3f}"
+
+
+def table_md(rows: list[dict], config, target: int, note: str = "") -> str:
+    head = ("| row | seeds | kNN acc | kNN AUC | linear acc | linear AUC | fine-tune acc | fine-tune AUC "
+            "| fine-tune per site acc | MiB up | MiB down | rounds | image-views | opt. steps | wall s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {len(r['seeds'])} | {_pm(r, 'knn_accuracy')} | {_pm(r, 'knn_auc')} | "
+            f"{_pm(r, 'linear_accuracy')} | {_pm(r, 'linear_auc')} | {_pm(r, 'finetune_accuracy')} | "
+            f"{_pm(r, 'finetune_auc')} | {_pm(r, 'finetune_per_site_accuracy')} | {_mib(r['bytes_up'])} | "
+            f"{_mib(r['bytes_down'])} | {r['rounds']:.0f} | {r['image_views']:.0f} | "
+            f"{r['optimizer_steps']:.0f} | {r['wall_s']:.0f} |")
+    out = ["# Comparison at one compute budget", "",
+           f"Budget: {target} student image-views per protocol (mean ± std over seeds; std with "
+           f"ddof=0). Features: {config.eval.features.split(',')[0]}; fine-tuning "
+           f"{config.compare.finetune_steps} steps on the pooled labelled train split (per site: on "
+           f"each site's labelled images, mean over sites), scored on the pooled test split.", ""]
+    out += lines + ["", "How each protocol spent the budget:", ""]
+    out += [f"- **{r['name']}**: {r['how']}." for r in rows]
+    out += ["", "`no_pretraining` spends no pretraining compute (random-init body with the fixed head); "
+                "`supervised_scratch` counts one view per image per step, so it takes V times the steps; "
+                "its fine-tune column is its own classifier's test score (it is trained on the labels). "
+                "`local_only` reports the mean over the site models (each evaluated as a backbone; per "
+                "site fine-tuning on its own site's labels). Bytes are the sizes of the files each "
+                "protocol writes and moves (token shards with manifests, the head, msgpack models, raw "
+                "uint8 images), summed over sites and rounds; the final backbone's distribution is not "
+                "counted for any row."]
+    if note:
+        out += ["", note]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> str:
+    # matplotlib only when drawing: write_outputs keeps the table when it is missing or fails
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    moved = [r["bytes_up"] + r["bytes_down"] for r in rows]
+    floor = min([m for m in moved if m > 0] or [1.0]) / 10
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, metric, title in ((axes[0], "linear_accuracy", "linear probe"),
+                              (axes[1], "finetune_accuracy", "fine-tuning")):
+        for r, m in zip(rows, moved):
+            if f"{metric}_mean" not in r:
+                continue
+            x = m if m > 0 else floor
+            ax.errorbar(x, r[f"{metric}_mean"], yerr=r[f"{metric}_std"], fmt="o", capsize=3, label=r["name"])
+            ax.annotate(r["name"] + (" (0 B)" if m == 0 else ""), (x, r[f"{metric}_mean"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes moved (up + down, all sites and rounds; log)")
+        ax.set_title(f"{title} accuracy vs bytes")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(config, workdir, agg, target, note="", wall_s=None) -> None:
+    out = {"rows": agg, "target_image_views": target, "quick": bool(config.get("quick", False)),
+           "wall_s": None if wall_s is None else round(wall_s, 1), "config": config.to_dict()}
+    write_json(os.path.join(workdir, "comparison.json"), out)
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+        f.write(table_md(agg, config, target, note))
+    try:
+        plot(agg, os.path.join(workdir, "comparison.png"))
+    except Exception as e:  # noqa: BLE001 (the table must survive a plotting failure)
+        print(f"[compare] comparison.png not drawn: {type(e).__name__}: {e}")
+
+
+def ablation_md(key: str, rows: list[dict]) -> str:
+    """One table row per sweep value and protocol."""
+    lines = [f"# Ablation over {key}", "",
+             f"| {key} | row | linear acc | fine-tune acc | kNN acc | MiB moved | image-views |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r[key]} | {r['name']} | {_pm(r, 'linear_accuracy')} | {_pm(r, 'finetune_accuracy')} | "
+                     f"{_pm(r, 'knn_accuracy')} | {_mib(r['bytes_up'] + r['bytes_down'])} | "
+                     f"{r['image_views']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_ablation(workdir: str, key: str, rows: list[dict]) -> None:
+    write_json(os.path.join(workdir, "ablation.json"), {"sweep": key, "rows": rows})
+    with open(os.path.join(workdir, "ablation.md"), "w") as f:
+        f.write(ablation_md(key, rows))
