@@ -79,8 +79,8 @@ def check_config(config) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def _batch(requested: int, n: int) -> int:
-    from msd_jax.training import train  # noqa: PLC0415
-    return train.batch_size_for(requested, n, 1)
+    from msd_jax.training import batches  # noqa: PLC0415
+    return batches.batch_size_for(requested, n, 1)
 
 
 def _split_steps(target_views: float, weights, batches, views_per_image: int) -> list[int]:
