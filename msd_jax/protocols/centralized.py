@@ -2,9 +2,10 @@
 
 Both train the patch embedding jointly with the body (no encryption is needed when the data is
 pooled), with the project's MSD step machinery: the same DINO loss and centre (msd/loss.py), the
-same schedules, optimizer, teacher EMA, centre and metrics (msd/step.py `schedule_values` and
-`finish_step`: AdamW with DINO's per-tensor clipping, weight-decay and teacher-momentum cosines, teacher-temperature
-warm-up, last layer frozen for config.optim.freeze_last_layer_epochs), the same initial weights as
+same schedules, optimizer, teacher EMA, centre update and metrics (msd/step.py `schedule_values`
+and `finish_step`: AdamW with DINO's per-tensor clipping, weight-decay and teacher-momentum
+cosines, teacher-temperature warm-up, last layer frozen for
+config.optim.freeze_last_layer_epochs), the same initial weights as
 the pipeline (head from party_key(seed, 'head'), student from party_key(seed, 'init')), batch
 config.train.batch_size, jit over the device mesh with the batch sharded on 'data'.
 

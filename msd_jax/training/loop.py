@@ -51,8 +51,8 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
     with contextlib.ExitStack() as closing:
         ckpts = None
         if ckpt_dir:
-            ckpts = closing.enter_context(
-                checkpoints.Checkpoints(ckpt_dir, meta or {}, config.train.keep_checkpoints))
+            ckpts = checkpoints.Checkpoints(ckpt_dir, meta or {}, config.train.keep_checkpoints)
+            closing.callback(ckpts.close)
             state = resume(ckpts, state, party, total_steps, log)
         state = step_lib.replicate(mesh, state)
         step_args = step_lib.replicate(mesh, tuple(step_args))
@@ -60,9 +60,9 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
         if start < end:
             log(f"[{party}] training {total_steps} steps on {len(arrays[0])} images, batch {order.b} on "
                 f"{mesh.devices.size} {jax.default_backend()} device(s){describe}")
-        metrics_file = closing.enter_context(metrics_lib.MetricsFile(metrics_path))
-        board = closing.enter_context(tensorboard.ScalarWriter(
-            tensorboard_dir if config.train.get("tensorboard", True) else None))
+        step_log = StepLog(party, total_steps, log, metrics_path,
+                           tensorboard_dir if config.train.get("tensorboard", True) else None, on_log)
+        closing.callback(step_log.close)
         clock = progress.Clock(start, total_steps, order.b)
         for s in range(start, end):
             ids = order(s)
@@ -79,14 +79,33 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
             images_per_s, eta = clock.read(done)
             m.update(step=done, images_per_s=images_per_s)
             if is_log:
-                note = (on_log(done, m) if on_log else None) or LogNote()
-                log(progress.progress_line(party, done, total_steps, m, eta) + note.remark)
-                metrics_file.write({"party": party, **m, **note.fields})
-                board.train_metrics(m)
+                step_log.write(m, eta)
                 clock.logged(done)
             if is_ckpt:
                 ckpts.save(done, state)
     return jax.device_get(state)
+
+
+class StepLog:
+    """Where a logged step's metrics go: the trainer's hook, the progress line, the metrics JSON
+    line and the TensorBoard scalars."""
+
+    def __init__(self, party: str, total_steps: int, log: Callable[[str], None],
+                 metrics_path: Optional[str], tensorboard_dir: Optional[str], on_log: Optional[LogHook]):
+        self.party, self.total_steps, self.log, self.on_log = party, total_steps, log, on_log
+        self.metrics_file = metrics_lib.MetricsFile(metrics_path)
+        self.board = tensorboard.ScalarWriter(tensorboard_dir)
+
+    def write(self, m: dict, eta: float) -> None:
+        """`m`: the step's finite metrics with its 'step' and 'images_per_s'."""
+        note = (self.on_log(m["step"], m) if self.on_log else None) or LogNote()
+        self.log(progress.progress_line(self.party, m["step"], self.total_steps, m, eta) + note.remark)
+        self.metrics_file.write({"party": self.party, **m, **note.fields})
+        self.board.train_metrics(m)
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        self.board.close()
 
 
 def resume(ckpts: checkpoints.Checkpoints, state: Any, party: str, total_steps: int,

@@ -42,12 +42,6 @@ class MetricsFile:
             self._file.close()
             self._file = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def read_metrics(path: str) -> list[dict]:
     """Metrics lines of one party's JSONL file in step order; the last line of a step wins (a

@@ -100,9 +100,7 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
                      describe=f", {tokens.shape[1]} tokens each, views {sc.num_global}x{sc.size_global} + "
                               f"{sc.num_local}x{sc.size_local} tokens")
     if monitor.num_flagged:
-        log(f"[{party}] COLLAPSE? {monitor.num_flagged} logged step(s) flagged by the collapse monitor "
-            f"(config.train.collapse_min_entropy / collapse_max_entropy_frac / "
-            f"collapse_min_prototypes)")
+        log(f"[{party}] {monitor.summary()}")
     return state
 
 
@@ -130,6 +128,10 @@ class CollapseMonitor:
         kind, reason = flagged
         return loop.LogNote(fields={"collapse": {"kind": kind, "reason": reason}},
                             remark=f" COLLAPSE? {reason}")
+
+    def summary(self) -> str:
+        return (f"COLLAPSE? {self.num_flagged} logged step(s) flagged by the collapse monitor "
+                "(config.train.collapse_min_entropy / collapse_max_entropy_frac / collapse_min_prototypes)")
 
 
 def init_student_params(config, num_heads_out: int = 1):
