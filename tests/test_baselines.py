@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msd_jax.training import train as train_lib
+from msd_jax.training import batches, metrics
 from msd_jax.protocols import centralized, supervised
 from msd_jax.training import loop
 from msd_jax.data import pixel_views as pv
@@ -445,10 +445,10 @@ def test_loop_stops_on_non_finite_metrics():
 
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params={}, ema_params={}, opt_state=(),
                                 center=jnp.zeros((1, 2)))
-    order = train_lib.BatchOrder(jax.random.key(0), 8, 4)
-    with pytest.raises(train_lib.TrainingDivergedError, match=r"non-finite loss at step 2"):
+    order = batches.BatchOrder(jax.random.key(0), 8, 4)
+    with pytest.raises(metrics.TrainingDivergedError, match=r"non-finite loss at step 2"):
         loop.run(c, party="x", state=state, step_fn=step_fn, arrays=(_images(8),), order=order, mesh=mesh,
-                 key=jax.random.key(0), total_steps=5, batch=4, ckpt_dir=None, metrics_path=None,
+                 key=jax.random.key(0), total_steps=5, ckpt_dir=None, metrics_path=None,
                  log=lambda _: None)
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from msd_jax.evaluation import plots
-from msd_jax.training import train
+from msd_jax.training import metrics, train
 from msd_jax.models import vit
 from conftest import tiny_demo_config, tiny_model
 
@@ -224,7 +224,7 @@ def test_train_flags_prototype_collapse(tmp_path):
                 tensorboard_dir=str(tmp_path / "tb"), total_steps=4, log=logs.append)
     step_lines = [l for l in logs if " step " in l and "/4 loss" in l]
     assert ["COLLAPSE? prototype collapse" in l for l in step_lines] == [False, False, True, True]
-    rows = train.read_metrics(str(tmp_path / "m.jsonl"))
+    rows = metrics.read_metrics(str(tmp_path / "m.jsonl"))
     assert all(1.0 <= r["effective_prototypes"] <= 32.0 + 1e-3 for r in rows)
     warnings = train.read_collapse_warnings(str(tmp_path / "m.jsonl"))
     assert [(w["step"], w["kind"], w["effective_prototypes"]) for w in warnings] == [

@@ -9,7 +9,7 @@ import pytest
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
-from msd_jax.training import tensorboard, train
+from msd_jax.training import metrics, tensorboard, train
 from msd_jax.layout import Workdir
 from conftest import tiny_demo_config
 
@@ -62,7 +62,7 @@ def test_train_scalars_equal_metrics_lines(tmp_path):
                 tensorboard_dir=wd.tensorboard("server"), total_steps=6, log=lambda *_: None)
     assert wd.tensorboard("server") == os.path.join(str(tmp_path), "tensorboard", "server")
     scalars = read_scalars(wd.tensorboard("server"))
-    rows = train.read_metrics(wd.metrics("server"))
+    rows = metrics.read_metrics(wd.metrics("server"))
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert set(scalars) == {f"train/{k}" for k in tensorboard.TRAIN_SCALARS}
     for name in tensorboard.TRAIN_SCALARS:

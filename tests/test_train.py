@@ -15,8 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from msd_jax.training import train
-from msd_jax.training.train import (BatchOrder, CheckpointMismatchError, TrainingDivergedError,
-                           batch_size_for)
+from msd_jax.training.batches import BatchOrder, batch_size_for
+from msd_jax.training.checkpoints import CheckpointMismatchError
+from msd_jax.training.metrics import TrainingDivergedError
 
 N, T, D = 10, 16, 16
 TOTAL, EVERY, STOP = 6, 2, 2   # batch 4 of 10 -> 2 steps/epoch: the run spans 3 epochs

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from msd_jax.encryption import encrypt  # noqa: E402
 from msd_jax.models import vit  # noqa: E402
-from msd_jax.training.train import read_metrics  # noqa: E402
+from msd_jax.training.metrics import read_metrics  # noqa: E402
 
 
 def _save(fig, out_png: str) -> None:

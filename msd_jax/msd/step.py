@@ -135,7 +135,7 @@ def optimizer_update(sc: StepConfig, hp: dict, state: TrainState, grads):
     """DINO's update of `state.params` (any pytree): last layer frozen while
     step < freeze_last_layer_steps, per-tensor clipping, Adam, decoupled weight decay (AdamW) on
     the decayed parameters only, at `hp`'s lr and weight decay. Returns (params, opt_state,
-    grad_norm). Shared with the baselines (msd_jax/baselines)."""
+    grad_norm)."""
     frozen = state.step < sc.freeze_last_layer_steps
     # DINO drops the last layer's gradient while it is frozen: its Adam moments see zeros.
     grads = jax.tree_util.tree_map_with_path(
@@ -254,19 +254,26 @@ def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int
             part, part_grads = jax.value_and_grad(views_loss)(state.params, views, num_views, first_view)
             loss = loss + part
             grads = part_grads if grads is None else jax.tree_util.tree_map(jnp.add, grads, part_grads)
-        params, opt_state, grad_norm = optimizer_update(sc, hp, state, grads)
-        ema = ema_update(state.ema_params, params, hp["momentum"])
-        center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
-        new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
-                               opt_state=opt_state, center=center)
-        # param_norm turns inf/nan as soon as an update diverges, so the loop's finiteness check
-        # never keeps a diverged state as the "last good" checkpoint.
-        metrics = dict(loss=loss, teacher_entropy=loss_lib.mean_entropy(t_probs),
-                       effective_prototypes=effective_prototypes(t_probs),
-                       grad_norm=grad_norm, param_norm=optax.tree.norm(params), **hp)
-        return new_state, metrics
+        return finish_step(sc, hp, state, grads, loss, t_logits, t_probs)
 
     return step_fn
+
+
+def finish_step(sc: StepConfig, hp: dict, state: TrainState, grads, loss, t_logits, t_probs):
+    """The end every DINO-style step shares, from the student's gradients: the optimizer update,
+    the teacher EMA, the centre update from the teacher logits [H, G, B, K], and the step's metrics.
+    Returns (new state, metrics)."""
+    params, opt_state, grad_norm = optimizer_update(sc, hp, state, grads)
+    ema = ema_update(state.ema_params, params, hp["momentum"])
+    center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
+    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
+                           opt_state=opt_state, center=center)
+    # param_norm turns inf/nan as soon as an update diverges, so the loop's finiteness check
+    # never keeps a diverged state as the "last good" checkpoint.
+    metrics = dict(loss=loss, teacher_entropy=loss_lib.mean_entropy(t_probs),
+                   effective_prototypes=effective_prototypes(t_probs),
+                   grad_norm=grad_norm, param_norm=optax.tree.norm(params), **hp)
+    return new_state, metrics
 
 
 def make_mesh(devices: Optional[list] = None) -> Mesh:

@@ -2,9 +2,10 @@
 
 Both train the patch embedding jointly with the body (no encryption is needed when the data is
 pooled), with the project's MSD step machinery: the same DINO loss and centre (msd/loss.py), the
-same schedules and optimizer (msd/step.py `schedule_values`, `optimizer_update`, `ema_update`:
-AdamW with DINO's per-tensor clipping, weight-decay and teacher-momentum cosines, teacher-temperature
-warm-up, last layer frozen for config.optim.freeze_last_layer_epochs), the same initial weights as
+same schedules, optimizer, teacher EMA, centre update and metrics (msd/step.py `schedule_values`
+and `finish_step`: AdamW with DINO's per-tensor clipping, weight-decay and teacher-momentum
+cosines, teacher-temperature warm-up, last layer frozen for
+config.optim.freeze_last_layer_epochs), the same initial weights as
 the pipeline (head from party_key(seed, 'head'), student from party_key(seed, 'init')), batch
 config.train.batch_size, jit over the device mesh with the batch sharded on 'data'.
 
@@ -31,10 +32,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from msd_jax.training import train as train_lib
-from msd_jax.training import loop
+from msd_jax.training import batches, loop
 from msd_jax.data import pixel_views as pv_lib
 from msd_jax.models import vit
 from msd_jax.msd import loss as loss_lib
@@ -93,15 +93,7 @@ def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, 
                                       hp["teacher_temp"])
 
         (loss, t_probs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state, grad_norm = step_lib.optimizer_update(sc, hp, state, grads)
-        ema = step_lib.ema_update(state.ema_params, params, hp["momentum"])
-        center = loss_lib.update_center(state.center, t_logits, sc.center_momentum)
-        new_state = step_lib.TrainState(step=state.step + 1, params=params, ema_params=ema,
-                                        opt_state=opt_state, center=center)
-        metrics = dict(loss=loss, teacher_entropy=loss_lib.mean_entropy(t_probs),
-                       effective_prototypes=step_lib.effective_prototypes(t_probs),
-                       grad_norm=grad_norm, param_norm=optax.tree.norm(params), **hp)
-        return new_state, metrics
+        return step_lib.finish_step(sc, hp, state, grads, loss, t_logits, t_probs)
 
     return step_fn
 
@@ -114,16 +106,16 @@ def initial_params(config, model_cfg: vit.ViTConfig):
     return {"patch_embed": head["patch_embed"], "student": student}, np.asarray(head["pos_embed"])
 
 
-def _train_ssl(config, images, *, total_steps: int, party: str, pixel: bool,
-               ckpt_dir: Optional[str], metrics_path: Optional[str], log) -> dict:
+def _train_ssl(config, images, *, total_steps: int, party: str, pixel: bool, ckpt_dir: Optional[str],
+               metrics_path: Optional[str], tensorboard_dir: Optional[str], log) -> dict:
     model_cfg = vit.ViTConfig.from_config(config.model)
-    images = loop.check_images(images, model_cfg)
+    images = batches.check_images(images, model_cfg)
     if total_steps < 1:
         raise ValueError(f"total_steps: expected >= 1, got {total_steps}")
     mesh = step_lib.make_mesh()
-    batch = train_lib.batch_size_for(config.train.batch_size, len(images), mesh.devices.size)
-    order = train_lib.BatchOrder(jax.random.fold_in(train_lib.party_key(config.seed, party), 1),
-                                 len(images), batch)
+    batch = batches.batch_size_for(config.train.batch_size, len(images), mesh.devices.size)
+    order = batches.BatchOrder(jax.random.fold_in(train_lib.party_key(config.seed, party), 1),
+                               len(images), batch)
     sc = step_lib.StepConfig.from_config(config, model_cfg.num_patches, total_steps,
                                          order.steps_per_epoch, batch)
     pc = pv_lib.PixelViewConfig.from_config(config) if pixel else None
@@ -136,26 +128,31 @@ def _train_ssl(config, images, *, total_steps: int, party: str, pixel: bool,
                     f"{pc.local_size}px crops")
     else:
         describe = f", token views {sc.num_global}x{sc.size_global} + {sc.num_local}x{sc.size_local} tokens"
-    state = loop.run(config, party=party, state=state, step_fn=step_fn, arrays=(images,), order=order,
+    meta = {"party": party, "total_steps": total_steps, "model": model_cfg.to_dict()}
+    state = loop.run(config, party=party, step_fn=step_fn, state=state, arrays=(images,), order=order,
                      mesh=mesh, key=train_lib.party_key(config.seed, party), total_steps=total_steps,
-                     batch=batch, ckpt_dir=ckpt_dir, metrics_path=metrics_path, log=log,
-                     describe=describe, meta={"model": model_cfg.to_dict()})
+                     ckpt_dir=ckpt_dir, meta=meta, metrics_path=metrics_path,
+                     tensorboard_dir=tensorboard_dir, log=log, describe=describe)
     teacher = state.ema_params
     return {"head": {"patch_embed": teacher["patch_embed"], "pos_embed": pos[...]},
             "body": teacher["student"]["body"]}
 
 
 def train_pixel_dino(config, images, *, total_steps: int, ckpt_dir: Optional[str] = None,
-                     metrics_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+                     metrics_path: Optional[str] = None, tensorboard_dir: Optional[str] = None,
+                     log: Callable[[str], None] = print) -> dict:
     """Centralized DINO with pixel multi-crop views on the pooled raw images [N, H, W, C] in [0, 1].
     Returns the teacher {"head": {"patch_embed", "pos_embed"}, "body"}."""
     return _train_ssl(config, images, total_steps=total_steps, party="central_pixel_dino", pixel=True,
-                      ckpt_dir=ckpt_dir, metrics_path=metrics_path, log=log)
+                      ckpt_dir=ckpt_dir, metrics_path=metrics_path, tensorboard_dir=tensorboard_dir,
+                      log=log)
 
 
 def train_centralized_msd(config, images, *, total_steps: int, ckpt_dir: Optional[str] = None,
-                          metrics_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+                          metrics_path: Optional[str] = None, tensorboard_dir: Optional[str] = None,
+                          log: Callable[[str], None] = print) -> dict:
     """Centralized MSD: token views of the unpermuted tokens, patch embedding trained jointly.
     Returns the teacher {"head": {"patch_embed", "pos_embed"}, "body"}."""
     return _train_ssl(config, images, total_steps=total_steps, party="central_msd", pixel=False,
-                      ckpt_dir=ckpt_dir, metrics_path=metrics_path, log=log)
+                      ckpt_dir=ckpt_dir, metrics_path=metrics_path, tensorboard_dir=tensorboard_dir,
+                      log=log)

@@ -17,7 +17,7 @@ import numpy as np
 
 from msd_jax.training import train as train_lib
 from msd_jax.protocols import centralized
-from msd_jax.training import loop
+from msd_jax.training import batches
 from msd_jax.training import classifier as classifier_lib
 from msd_jax.models import vit
 
@@ -60,7 +60,7 @@ def predict_supervised(config, params: dict, images) -> np.ndarray:
         if k not in params:
             raise ValueError(f"params: expected keys 'head', 'body', 'classifier' (train_supervised's "
                              f"output), missing {k!r}")
-    images = loop.check_images(images, model_cfg)
+    images = batches.check_images(images, model_cfg)
     num_classes = int(np.shape(params["classifier"]["bias"])[0])
     s = _settings(config, num_classes, 1, 1)
     forward = classifier_lib.make_forward(model_cfg, s, params["head"]["pos_embed"], None, config.data.mean,

@@ -28,8 +28,7 @@ from msd_jax.data import pixel_views as pv_lib
 from msd_jax.models import vit
 from msd_jax.msd import schedules
 from msd_jax.msd import step as step_lib
-from msd_jax.training import loop
-from msd_jax.training import train as train_lib
+from msd_jax.training import batches, loop
 
 
 @flax.struct.dataclass
@@ -134,7 +133,7 @@ def train_classifier(config, head_params, body_params, images, labels, s: Classi
     from `classifier` ({"kernel", "bias"}) or N(0, 0.01^2). Returns (params, forward, history) where
     history lists the logged metrics dicts."""
     model_cfg = vit.ViTConfig.from_config(config.model)
-    images = loop.check_images(images, model_cfg)
+    images = batches.check_images(images, model_cfg)
     labels = np.asarray(labels).astype(np.int32)
     if labels.shape != (len(images),):
         raise ValueError(f"labels: expected shape ({len(images)},), got {labels.shape}")
@@ -144,8 +143,8 @@ def train_classifier(config, head_params, body_params, images, labels, s: Classi
     if s.total_steps < 1:
         raise ValueError(f"steps: expected >= 1, got {s.total_steps}")
     mesh = step_lib.make_mesh()
-    batch = train_lib.batch_size_for(batch_size, len(images), mesh.devices.size)
-    order = train_lib.BatchOrder(jax.random.fold_in(key, 1), len(images), batch)
+    batch = batches.batch_size_for(batch_size, len(images), mesh.devices.size)
+    order = batches.BatchOrder(jax.random.fold_in(key, 1), len(images), batch)
     fdim = vit.feature_dim(model_cfg, s.feature_kind)
     if classifier is None:
         classifier = {"kernel": 0.01 * jax.random.normal(jax.random.fold_in(key, 2),
@@ -171,11 +170,10 @@ def train_classifier(config, head_params, body_params, images, labels, s: Classi
     state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=optax.scale_by_adam(b1=s.b1, b2=s.b2).init(params))
     history = []
-    state = loop.run(config, party=party, state=state, step_fn=step_fn, arrays=(images, labels),
+    state = loop.run(config, party=party, step_fn=step_fn, state=state, arrays=(images, labels),
                      order=order, mesh=mesh, key=jax.random.fold_in(key, 3), total_steps=s.total_steps,
-                     batch=batch, ckpt_dir=None, metrics_path=None, log=log, log_every=log_every,
-                     describe=f", {s.feature_kind} feature -> {s.num_classes} classes",
-                     on_log=lambda step, m: history.append(m))
+                     log=log, log_every=log_every, on_log=lambda step, m: history.append(m),
+                     describe=f", {s.feature_kind} feature -> {s.num_classes} classes")
     return state.params, forward, history
 
 

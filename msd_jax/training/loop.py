@@ -1,108 +1,117 @@
-"""The step loop the baselines share: batches from train.BatchOrder (a pure function of seed, party
-and step), optional Orbax checkpoints with resume (as training/train.py), progress lines and metrics JSONL
-every config.train.log_every steps, and a clear error on a non-finite metric."""
+"""The one training loop every trainer runs: the MSD sites, server and merge, FedAvg's rounds, the
+centralized baselines and the classifier trainer (supervised baseline, fine-tuning).
+
+It steps a jitted `step_fn(state, *batch, example_ids, key, *step_args) -> (state, metrics)` from
+`state.step` to the end of the budget, with the batches of a BatchOrder (training/batches.py), and
+on every config.train.log_every-th step (and the last) checks the metrics are finite, prints the
+progress line, appends the metrics line and writes the TensorBoard scalars; on every
+config.train.checkpoint_every-th step (and the last) it saves an Orbax checkpoint, from which a
+later run resumes.
+"""
 from __future__ import annotations
 
-import json
-import math
-import os
-import time
+import contextlib
+import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 
-from msd_jax.training import train as train_lib
 from msd_jax.msd import step as step_lib
+from msd_jax.training import batches, checkpoints, metrics as metrics_lib, progress, tensorboard
 
 
-def check_images(images, model_cfg, what: str = "images") -> np.ndarray:
-    """float32 [N, image_size, image_size, channels] in [0, 1], or a ValueError naming the field."""
-    images = np.asarray(images)
-    want = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
-    if images.ndim != 4 or images.shape[1:] != want:
-        raise ValueError(f"{what}: expected float images [N, {want[0]}, {want[1]}, {want[2]}] "
-                         f"(config.model.image_size / channels), got shape {images.shape}")
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"{what}: expected float images in [0, 1], got dtype {images.dtype}")
-    if len(images) == 0:
-        raise ValueError(f"{what}: no images")
-    return images.astype(np.float32, copy=False)
+@dataclasses.dataclass(frozen=True)
+class LogNote:
+    """What a trainer's per-logged-step hook adds: fields of that step's metrics line and a remark
+    at the end of its progress line."""
+    fields: dict = dataclasses.field(default_factory=dict)
+    remark: str = ""
 
 
-def run(config, *, party: str, state: Any, step_fn: Callable, arrays: tuple, order: train_lib.BatchOrder,
-        mesh, key: jax.Array, total_steps: int, batch: int, ckpt_dir: Optional[str],
-        metrics_path: Optional[str], log: Callable[[str], None], log_every: Optional[int] = None,
-        describe: str = "", on_log: Optional[Callable[[int, dict], None]] = None,
-        meta: Optional[dict] = None):
-    """Runs step_fn(state, *batch_arrays, ids, key) -> (state, metrics) from state.step to
-    total_steps. `arrays` are host arrays indexed by the batch's example ids. `meta` (JSON) is
-    stored with each checkpoint and must match on resume. Returns the final state (host)."""
+# on_log(step, metrics) -> a LogNote or None, called on every logged step
+LogHook = Callable[[int, dict], Optional[LogNote]]
+
+
+def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
+        order: batches.BatchOrder, mesh, key: jax.Array, total_steps: int,
+        ckpt_dir: Optional[str] = None, meta: Optional[dict] = None, step_args: tuple = (),
+        metrics_path: Optional[str] = None, tensorboard_dir: Optional[str] = None,
+        log: Callable[[str], None] = print, log_every: Optional[int] = None,
+        stop_at: Optional[int] = None, on_log: Optional[LogHook] = None, describe: str = ""):
+    """Trains `state` to `total_steps` (or `stop_at`, a deliberate interruption) and returns it on
+    the host.
+
+    `arrays`: host arrays indexed by the batch's example ids. `ckpt_dir`: checkpoints with `meta`
+    (JSON; a checkpoint of another `meta` raises CheckpointMismatchError), resumed from when
+    present; None: no checkpoints. `step_args`: further step arguments, replicated on the mesh (the
+    merge's site teachers). `tensorboard_dir` is skipped when config.train.tensorboard is False.
+    `log_every` overrides config.train.log_every. `describe` ends the opening line."""
     log_every = log_every or config.train.log_every
-    mngr = None
-    if ckpt_dir:
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
-        mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
-        meta = {"party": party, "total_steps": total_steps, **(meta or {})}
-        latest = mngr.latest_step()
-        if latest is not None:
-            saved = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            for k, v in meta.items():
-                if saved.get(k) != v:
-                    raise train_lib.CheckpointMismatchError(
-                        f"{ckpt_dir}: checkpoint has {k}={saved.get(k)!r}, this run expects {v!r} "
-                        "(another baseline or budget; use a fresh directory)")
-            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-            state = mngr.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))["state"]
-            log(f"[{party}] resumed from {ckpt_dir} at step {latest}/{total_steps}")
-    state = step_lib.replicate(mesh, state)
-    start = int(state.step)
-    if start < total_steps:
-        log(f"[{party}] training {total_steps} steps on {len(arrays[0])} images, batch {batch} on "
-            f"{mesh.devices.size} {jax.default_backend()} device(s){describe}")
-    metrics_file = open(metrics_path, "a") if metrics_path else None
-    t0 = last_t = time.perf_counter()
-    last_step = start
-    try:
-        for s in range(start, total_steps):
+    end = total_steps if stop_at is None else min(total_steps, stop_at)
+    with contextlib.ExitStack() as closing:
+        ckpts = None
+        if ckpt_dir:
+            ckpts = checkpoints.Checkpoints(ckpt_dir, meta or {}, config.train.keep_checkpoints)
+            closing.callback(ckpts.close)
+            state = resume(ckpts, state, party, total_steps, log)
+        state = step_lib.replicate(mesh, state)
+        step_args = step_lib.replicate(mesh, tuple(step_args))
+        start = int(state.step)
+        if start < end:
+            log(f"[{party}] training {total_steps} steps on {len(arrays[0])} images, batch {order.b} on "
+                f"{mesh.devices.size} {jax.default_backend()} device(s){describe}")
+        step_log = StepLog(party, total_steps, log, metrics_path,
+                           tensorboard_dir if config.train.get("tensorboard", True) else None, on_log)
+        closing.callback(step_log.close)
+        clock = progress.Clock(start, total_steps, order.b)
+        for s in range(start, end):
             ids = order(s)
-            dev = step_lib.shard_batch(mesh, *(a[ids] for a in arrays), ids)
-            state, metrics = step_fn(state, *dev, key)
+            state, metrics = step_fn(state, *step_lib.shard_batch(mesh, *(a[ids] for a in arrays), ids),
+                                     key, *step_args)
+            if s == start:  # compiled by now: hand the compiler's freed heap back to the OS
+                step_lib.release_host_memory()
             done = s + 1
-            is_log = done % log_every == 0 or done == total_steps
-            is_ckpt = mngr is not None and (done % config.train.checkpoint_every == 0
-                                            or done == total_steps)
+            is_log = done % log_every == 0 or done == end
+            is_ckpt = ckpts is not None and (done % config.train.checkpoint_every == 0 or done == end)
             if not (is_log or is_ckpt):
                 continue
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            bad = [k for k, v in m.items() if not math.isfinite(v)]
-            if bad:
-                raise train_lib.TrainingDivergedError(
-                    f"[{party}] non-finite {', '.join(bad)} at step {done}: training stopped (try a "
-                    "lower config.optim.lr or config.optim.clip_grad)")
-            now = time.perf_counter()
-            ips = (done - last_step) * batch / max(now - last_t, 1e-9)
-            m.update(step=done, images_per_s=ips)
+            m = metrics_lib.finite_metrics(metrics, party, done, ckpt_dir)
+            images_per_s, eta = clock.read(done)
+            m.update(step=done, images_per_s=images_per_s)
             if is_log:
-                eta = (total_steps - done) * (now - t0) / max(done - start, 1)
-                extra = "".join(f" {k} {m[k]:.3f}" for k in ("teacher_entropy", "accuracy") if k in m)
-                log(f"[{party}] step {done}/{total_steps} loss {m['loss']:.4f}{extra} lr {m['lr']:.2e} "
-                    f"{ips:.1f} img/s ETA {train_lib._format_eta(eta)}")
-                if metrics_file:
-                    metrics_file.write(json.dumps({"party": party, **m}) + "\n")
-                    metrics_file.flush()
-                if on_log:
-                    on_log(done, m)
-                last_t, last_step = now, done
+                step_log.write(m, eta)
+                clock.logged(done)
             if is_ckpt:
-                mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
-    finally:
-        if metrics_file:
-            metrics_file.close()
-        if mngr is not None:
-            mngr.wait_until_finished()
-            mngr.close()
+                ckpts.save(done, state)
     return jax.device_get(state)
+
+
+class StepLog:
+    """Where a logged step's metrics go: the trainer's hook, the progress line, the metrics JSON
+    line and the TensorBoard scalars."""
+
+    def __init__(self, party: str, total_steps: int, log: Callable[[str], None],
+                 metrics_path: Optional[str], tensorboard_dir: Optional[str], on_log: Optional[LogHook]):
+        self.party, self.total_steps, self.log, self.on_log = party, total_steps, log, on_log
+        self.metrics_file = metrics_lib.MetricsFile(metrics_path)
+        self.board = tensorboard.ScalarWriter(tensorboard_dir)
+
+    def write(self, m: dict, eta: float) -> None:
+        """`m`: the step's finite metrics with its 'step' and 'images_per_s'."""
+        note = (self.on_log(m["step"], m) if self.on_log else None) or LogNote()
+        self.log(progress.progress_line(self.party, m["step"], self.total_steps, m, eta) + note.remark)
+        self.metrics_file.write({"party": self.party, **m, **note.fields})
+        self.board.train_metrics(m)
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        self.board.close()
+
+
+def resume(ckpts: checkpoints.Checkpoints, state: Any, party: str, total_steps: int,
+           log: Callable[[str], None]) -> Any:
+    """The state of the latest checkpoint, else `state`."""
+    state, step = ckpts.restore_latest(state)
+    if step is not None:
+        log(f"[{party}] resumed from {ckpts.dir} at step {step}/{total_steps}")
+    return state

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from msd_jax.experiments.compare.settings import ROWS
-from msd_jax.training import train
+from msd_jax.training import batches
 
 
 def _batch(requested: int, n: int) -> int:
-    return train.batch_size_for(requested, n, 1)
+    return batches.batch_size_for(requested, n, 1)
 
 
 def _split_steps(target_views: float, weights, batches, views_per_image: int) -> list[int]:
