@@ -61,7 +61,7 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
             log(f"[{party}] training {total_steps} steps on {len(arrays[0])} images, batch {order.b} on "
                 f"{mesh.devices.size} {jax.default_backend()} device(s){describe}")
         step_log = StepLog(party, total_steps, log, metrics_path,
-                           tensorboard_dir if config.train.get("tensorboard", True) else None, on_log)
+                           tensorboard_dir if config.train.tensorboard else None, on_log)
         closing.callback(step_log.close)
         clock = progress.Clock(start, total_steps, order.b)
         for s in range(start, end):

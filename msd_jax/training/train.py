@@ -111,9 +111,9 @@ class CollapseMonitor:
 
     def __init__(self, train_config, out_dim: int, warmup_steps: int):
         self.out_dim, self.warmup_steps = out_dim, warmup_steps
-        self.min_entropy = float(train_config.get("collapse_min_entropy", 0.1))
-        self.max_entropy_frac = float(train_config.get("collapse_max_entropy_frac", 0.98))
-        self.min_prototypes = float(train_config.get("collapse_min_prototypes", 2.0))
+        self.min_entropy = float(train_config.collapse_min_entropy)
+        self.max_entropy_frac = float(train_config.collapse_max_entropy_frac)
+        self.min_prototypes = float(train_config.collapse_min_prototypes)
         self.num_flagged = 0
 
     def __call__(self, step: int, m: dict) -> Optional[loop.LogNote]:
