@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msd_jax.evaluation.metrics import _check_features, _check_labels, _check_num_classes
+from msd_jax.evaluation.metrics import check_probe_inputs
 
 __all__ = ["knn_predict"]
 
@@ -49,14 +49,8 @@ def knn_predict(train_features, train_labels, test_features, num_classes: int, k
     jitted, batched over test rows (``batch_size`` rows at a time, last batch zero-padded so one
     compilation serves all batches) so memory stays O(batch_size * num_train).
     """
-    num_classes = _check_num_classes(num_classes)
-    train_features = _check_features(train_features, "train_features")
-    if train_features.shape[0] == 0:
-        raise ValueError("train_features must have at least one row, got 0")
-    dim = train_features.shape[1]
-    test_features = _check_features(test_features, "test_features", dim)
-    train_labels = _check_labels(train_labels, "train_labels", train_features.shape[0],
-                                 num_classes)
+    train_features, train_labels, test_features, num_classes = check_probe_inputs(
+        train_features, train_labels, test_features, num_classes)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if not np.isfinite(temperature) or temperature <= 0:
@@ -81,7 +75,7 @@ def knn_predict(train_features, train_labels, test_features, num_classes: int, k
         batch = test[start:start + batch_size]
         n = batch.shape[0]
         if n < batch_size:  # zero rows normalise to 0 -> all similarities 0, no NaN; dropped below
-            batch = np.concatenate([batch, np.zeros((batch_size - n, dim), np.float32)])
+            batch = np.concatenate([batch, np.zeros((batch_size - n, batch.shape[1]), np.float32)])
         probs = _knn_batch(train_n, labels_j, jnp.asarray(batch), temp,
                            k=k, num_classes=num_classes)
         out.append(probs[:n])

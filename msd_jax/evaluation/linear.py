@@ -13,7 +13,7 @@ import optax.tree_utils as otu
 
 from msd_jax.evaluation.knn import knn_predict
 from msd_jax.evaluation.metrics import (_check_features, _check_labels, _check_num_classes, accuracy,
-                                  roc_auc)
+                                        check_probe_inputs, roc_auc)
 
 __all__ = ["linear_probe", "evaluate_features"]
 
@@ -95,14 +95,8 @@ def linear_probe(train_features, train_labels, test_features, num_classes: int, 
 
     Returns test class probabilities [M, num_classes] as float32 numpy.
     """
-    num_classes = _check_num_classes(num_classes)
-    train_features = _check_features(train_features, "train_features")
-    if train_features.shape[0] == 0:
-        raise ValueError("train_features must have at least one row, got 0")
-    dim = train_features.shape[1]
-    test_features = _check_features(test_features, "test_features", dim)
-    train_labels = _check_labels(train_labels, "train_labels", train_features.shape[0],
-                                 num_classes)
+    train_features, train_labels, test_features, num_classes = check_probe_inputs(
+        train_features, train_labels, test_features, num_classes)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if not np.isfinite(weight_decay) or weight_decay < 0:
@@ -121,7 +115,7 @@ def linear_probe(train_features, train_labels, test_features, num_classes: int, 
                               dtype=jnp.float32)
 
     key = jax.random.PRNGKey(seed)
-    params = (0.01 * jax.random.normal(key, (dim, num_classes), jnp.float32),
+    params = (0.01 * jax.random.normal(key, (train_features.shape[1], num_classes), jnp.float32),
               jnp.zeros((num_classes,), jnp.float32))
     params = _fit(params, x_train, y_onehot, jnp.float32(weight_decay),
                   jnp.float32(learning_rate), steps=int(steps), optimizer=optimizer)

@@ -55,6 +55,18 @@ def _check_labels(labels, name: str, num_examples: int, num_classes: int) -> np.
     return labels
 
 
+def check_probe_inputs(train_features, train_labels, test_features, num_classes):
+    """A probe's inputs checked and converted: (train_features [N, D] float, train_labels [N] int,
+    test_features [M, D] float, num_classes), with N >= 1."""
+    num_classes = _check_num_classes(num_classes)
+    train_features = _check_features(train_features, "train_features")
+    if train_features.shape[0] == 0:
+        raise ValueError("train_features must have at least one row, got 0")
+    test_features = _check_features(test_features, "test_features", train_features.shape[1])
+    train_labels = _check_labels(train_labels, "train_labels", train_features.shape[0], num_classes)
+    return train_features, train_labels, test_features, num_classes
+
+
 def _check_probs(probs, labels):
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2:
