@@ -99,6 +99,7 @@ def _loop_ips(lines, batch):
 
 def bench_loop(args) -> dict:
     import jax  # noqa: PLC0415
+    from msd_jax.models import vit  # noqa: PLC0415
     from msd_jax.training import train  # noqa: PLC0415
     c = _config(args.quick)
     c.train.batch_size = args.batch or c.train.batch_size
@@ -106,7 +107,8 @@ def bench_loop(args) -> dict:
     c.train.checkpoint_every = 10 ** 6
     batch = c.train.batch_size
     n = batch * 4
-    init = train.init_student_params(c)
+    model = vit.ViTConfig.from_config(c.model)
+    init = train.init_student_params(c, model)
     steps = args.loop_steps
 
     # the bare step: same function, a device-resident batch, no host work between steps
@@ -126,7 +128,7 @@ def bench_loop(args) -> dict:
     lines = []
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        train.train(c, party="bench", tokens=tokens, init_params=init, ckpt_dir=os.path.join(d, "ck"),
+        train.train(c, model, party="bench", tokens=tokens, init_params=init, ckpt_dir=os.path.join(d, "ck"),
                     total_steps=steps + args.log_every, log=lines.append)
         loop_wall = time.perf_counter() - t
     bare_after = bare()

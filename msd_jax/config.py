@@ -226,15 +226,15 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
                          f"{c.train.collapse_max_entropy_frac}")
     from msd_jax.evaluation.features import parse_kinds  # noqa: PLC0415 (keeps `import config` light)
     parse_kinds(c.eval.features)
-    from msd_jax.encryption.modes import parse_mode  # noqa: PLC0415
-    parse_mode(c.encrypt.mode)
+    from msd_jax.encryption.modes import EncryptionMode  # noqa: PLC0415
+    EncryptionMode.parse(c.encrypt.mode)
     _check_choice(c.encrypt.shared_key_source, ("seed", "urandom"), "encrypt.shared_key_source")
     if not 0 < c.encrypt.masked_keep_ratio < 1:
         raise ValueError(f"config.encrypt.masked_keep_ratio: expected a fraction in (0, 1), got "
                          f"{c.encrypt.masked_keep_ratio}")
     if "audit" in c:
         for m in c.audit.modes.split(","):
-            parse_mode(m.strip(), "config.audit.modes")
+            EncryptionMode.parse(m.strip(), "config.audit.modes")
     if c.data.std <= 0:
         raise ValueError(f"config.data.std: expected > 0, got {c.data.std}")
     return c

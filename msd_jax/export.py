@@ -69,7 +69,7 @@ def read_backbone(backbone_dir: str):
         raise ExportError(f"{meta_path}: field 'model' is not a valid model: {e}") from e
     mode = meta.get("encrypt_mode", modes_lib.PAPER)
     try:
-        secret = modes_lib.secret_transform(mode)
+        secret = modes_lib.EncryptionMode.parse(mode).secret_transform
     except ValueError as e:
         raise ExportError(f"{meta_path}: field 'encrypt_mode': {e}") from e
     if secret:

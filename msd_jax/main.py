@@ -22,6 +22,13 @@ flags.DEFINE_list("sites", [], "encrypt / site modes: only these sites (default:
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def resolve(config):
+    """(model, encryption mode) of a validated config, built once here and handed to every party."""
+    from msd_jax.encryption.modes import EncryptionMode
+    from msd_jax.models import vit
+    return vit.ViTConfig.from_config(config.model), EncryptionMode.parse(config.encrypt.mode)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -45,8 +52,9 @@ def main(argv):
         audit.run_audit(config, wd.root)
         return
 
+    model, encrypt_mode = resolve(config)
     if mode == "setup":
-        parties.run_setup(config, wd)
+        parties.run_setup(config, model, encrypt_mode, wd)
         return
     data = sites_lib.load(config) if mode in ("all", "encrypt", "eval") else None
     if data is not None and FLAGS.sites:
@@ -55,16 +63,16 @@ def main(argv):
             raise app.UsageError(f"--sites: unknown {sorted(unknown)}; sites: {[n for n, _ in data.sites]}")
         data.sites = [(n, s) for n, s in data.sites if n in FLAGS.sites]
     if mode in ("all", "encrypt"):
-        parties.run_encrypt(config, wd, data)
+        parties.run_encrypt(config, model, encrypt_mode, wd, data)
     if mode in ("all", "site"):
         if config.protocol == "model_upload":
-            parties.run_sites(config, wd, FLAGS.sites or wd.uploaded_sites())
+            parties.run_sites(config, model, encrypt_mode, wd, FLAGS.sites or wd.uploaded_sites())
         elif mode == "site":
             print("protocol token_upload: sites only encrypt (--mode encrypt); nothing to train here")
     if mode in ("all", "server"):
-        parties.run_server(config, wd)
+        parties.run_server(config, model, encrypt_mode, wd)
     if mode in ("all", "eval"):
-        report = parties.run_eval(config, wd, data)
+        report = parties.run_eval(config, model, encrypt_mode, wd, data)
         print(parties.results_table(report))
         print(wd.report)
 

@@ -17,7 +17,7 @@ from msd_jax.evaluation.features import extract_features, parse_kinds
 from msd_jax.protocols import model_io, model_upload, token_upload
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
-from msd_jax.encryption import modes as modes_lib
+from msd_jax.encryption.modes import EncryptionMode
 
 
 def _record(wd: Workdir, phase: str, **fields) -> None:
@@ -39,28 +39,28 @@ def _read_records(wd: Workdir) -> dict:
     return out
 
 
-def run_setup(config, wd: Workdir, log=print) -> None:
+def run_setup(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=print) -> None:
     """Server, before the round, without images: the public head (head/) and, for model upload,
     the initial student (initial/), for every site. In a secret-head mode the sites derive the head
     from their shared key, so only initial/ is written."""
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    if "secret_head" not in modes_lib.parse_mode(modes_lib.canonical(config.encrypt.mode)):
-        _, fingerprint = encrypt.get_or_create_head(wd.head, model_cfg, train.party_key(config.seed, "head"))
+    if not mode.secret_head:
+        _, fingerprint = encrypt.get_or_create_head(wd.head, model, train.party_key(config.seed, "head"))
         log(f"[server] head in {wd.head} (fingerprint {fingerprint[:16]}): send it to every site")
     if config.protocol == "model_upload":
-        nbytes = model_upload.send_initial(config, wd)
+        nbytes = model_upload.send_initial(config, model, wd)
         log(f"[server] initial student in {wd.initial} ({nbytes / 2**20:.2f} MiB): send it to every site")
 
 
-def run_encrypt(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> None:
+def run_encrypt(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
+                data: sites_lib.FederatedData, log=print) -> None:
     """Sites (and, for model upload with a proxy set, the server): head -> permutation -> shards.
     Creates the head from the seed the first time (the server's job before the round)."""
     t0 = time.perf_counter()
-    model_cfg = vit.ViTConfig.from_config(config.model)
     # the encryption mode's head (public, or from the sites' shared key: see encrypt.site_head)
-    head_params, fingerprint = encrypt.site_head(config, wd.root, train.party_key(config.seed, "head"))
-    if modes_lib.secret_transform(config.encrypt.mode):  # the server gets only the fingerprint
-        encrypt.write_transform(wd.head, model_cfg, config.encrypt.mode, fingerprint)
+    head_params, fingerprint = encrypt.site_head(config, model, mode, wd.root,
+                                                 train.party_key(config.seed, "head"))
+    if mode.secret_transform:  # the server gets only the fingerprint
+        encrypt.write_transform(wd.head, model, mode, fingerprint)
     e = config.encrypt
     todo = list(data.sites)
     if config.protocol == "model_upload" and config.merge.data == "proxy" and data.proxy is not None:
@@ -69,13 +69,13 @@ def run_encrypt(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -
         if len(images) == 0:
             raise ValueError(f"site {name!r}: no images to encrypt")
         s0 = time.perf_counter()
-        tokens = encrypt.encrypt_images(head_params, model_cfg, images.images,
+        tokens = encrypt.encrypt_images(head_params, model, images.images,
                                         encrypt.site_key(e.key_source, config.seed, name),
-                                        keep_ratio=modes_lib.upload_keep_ratio(e), mean=config.data.mean,
+                                        keep_ratio=mode.upload_keep_ratio(e), mean=config.data.mean,
                                         std=config.data.std, batch_size=e.batch_size)
         manifest = shards.write_shards(wd.shards(name), name, tokens, dtype=e.dtype,
                                        head_fingerprint=fingerprint, shard_size=e.shard_size,
-                                       extra={"encrypt_mode": modes_lib.canonical(e.mode)})
+                                       extra={"encrypt_mode": mode.name})
         dt = time.perf_counter() - s0
         log(f"[{name}] encrypted {len(tokens)} images -> {manifest['tokens_per_image']} tokens x "
             f"{manifest['embed_dim']} ({e.dtype}), {shards.shard_bytes(wd.shards(name)) / 2**20:.1f} MiB, "
@@ -83,33 +83,32 @@ def run_encrypt(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -
     _record(wd, "encrypt", seconds=time.perf_counter() - t0)
 
 
-def run_sites(config, wd: Workdir, site_names: list[str], log=print, *,
-              site_steps: int | None = None) -> None:
+def run_sites(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, site_names: list[str],
+              log=print, *, site_steps: int | None = None) -> None:
     """Model upload, at each site: train from the initial student for `site_steps` steps (default
     config.train.site_steps), upload the model."""
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(wd.initial, model_io.META_FILE)):
-        model_upload.send_initial(config, wd)  # the server's job; done here when running all parties
+        model_upload.send_initial(config, model, wd)  # the server's job; done here when running all parties
     for name in site_names:
-        nbytes = model_upload.train_site(config, wd, name, log=log, site_steps=site_steps)
+        nbytes = model_upload.train_site(config, model, mode, wd, name, log=log, site_steps=site_steps)
         log(f"[{name}] uploaded model: {nbytes / 2**20:.2f} MiB")
     _record(wd, "site_training", seconds=time.perf_counter() - t0)
 
 
-def run_server(config, wd: Workdir, log=print, *, num_steps: int | None = None) -> None:
+def run_server(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=print, *,
+               num_steps: int | None = None) -> None:
     """Server: train on uploaded tokens, or merge uploaded models; writes backbone/. `num_steps`:
     the server's steps (default config.train.num_steps for token upload, config.merge.num_steps for
     the merge)."""
     t0 = time.perf_counter()
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    head_params = encrypt.server_head(config, wd.head, model_cfg)  # zeros in a secret mode
+    head_params = encrypt.server_head(mode, wd.head, model)  # zeros in a secret mode
     if config.protocol == "token_upload":
-        teacher = token_upload.train_server(config, wd, log=log, num_steps=num_steps)
+        teacher = token_upload.train_server(config, model, mode, wd, log=log, num_steps=num_steps)
     else:
-        teacher = model_upload.merge(config, wd, log=log, num_steps=num_steps)
-    model_io.save_backbone(wd.backbone, head_params, teacher["body"], model_cfg,
-                           protocol=config.protocol, seed=config.seed,
-                           encrypt_mode=modes_lib.canonical(config.encrypt.mode),
+        teacher = model_upload.merge(config, model, mode, wd, log=log, num_steps=num_steps)
+    model_io.save_backbone(wd.backbone, head_params, teacher["body"], model,
+                           protocol=config.protocol, seed=config.seed, encrypt_mode=mode.name,
                            data_mean=config.data.mean, data_std=config.data.std)
     log(f"[server] backbone written to {wd.backbone}")
     _record(wd, "server", seconds=time.perf_counter() - t0)
@@ -133,14 +132,14 @@ def _site_traffic(config, wd: Workdir) -> list[dict]:
     return rows
 
 
-def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> dict:
+def run_eval(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
+             data: sites_lib.FederatedData, log=print) -> dict:
     """kNN and linear probe of the backbone's frozen features, every kind of config.eval.features
     (and of a random-init backbone with the same head); writes report.json and returns it."""
     t0 = time.perf_counter()
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    head_params, body_params, meta = model_io.load_backbone(wd.backbone, model_cfg)
+    head_params, body_params, meta = model_io.load_backbone(wd.backbone, model)
     # the eval party plays a site: in a secret mode it applies the sites' head, not the server's
-    head_params = encrypt.eval_head(config, wd.root, model_cfg, head_params)
+    head_params = encrypt.eval_head(config, model, mode, wd.root, head_params)
     train_set, test_set = data.labelled_train, data.test
     num_classes = len(test_set.class_names)
     ev = config.eval
@@ -149,8 +148,8 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
 
     def features(body) -> tuple[dict, dict]:
         kw = dict(mean=config.data.mean, std=config.data.std, batch_size=ev.batch_size)
-        return (extract_features(head_params, body, model_cfg, train_set.images, **kw),
-                extract_features(head_params, body, model_cfg, test_set.images, **kw))
+        return (extract_features(head_params, body, model, train_set.images, **kw),
+                extract_features(head_params, body, model, test_set.images, **kw))
 
     def probe(f_train, f_test) -> dict:
         """{feature kind: {'knn': ..., 'linear': ...}} for every configured kind."""
@@ -163,7 +162,7 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
     report = {"protocol": meta.get("protocol", config.protocol), "sites": _site_traffic(config, wd),
               "features": kinds[0], "eval": trained[kinds[0]], "eval_by_features": trained}
     if ev.random_init_baseline:
-        baseline = probe(*features(train.init_student_params(config)["body"]))
+        baseline = probe(*features(train.init_student_params(config, model)["body"]))
         report["baseline_random_init"] = baseline[kinds[0]]
         report["baseline_random_init_by_features"] = baseline
     if ev.per_site:
@@ -175,7 +174,7 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
         timing_s=timing,
         data={"name": config.data.name, "num_labelled_train": len(train_set),
               "num_test": len(test_set), "class_names": list(test_set.class_names)},
-        model=model_cfg.to_dict(),
+        model=model.to_dict(),
         devices={"backend": jax.default_backend(), "count": jax.device_count()},
         config=config.to_dict(),
     )
@@ -209,7 +208,7 @@ def run_eval(config, wd: Workdir, data: sites_lib.FederatedData, log=print) -> d
         if len(test_set):
             from msd_jax.evaluation import plots as plots_lib  # noqa: PLC0415
             out = os.path.join(plot_dir, "attention.png")
-            plots_lib.attention_maps(head_params, body_params, model_cfg, test_set.images[:8], out,
+            plots_lib.attention_maps(head_params, body_params, model, test_set.images[:8], out,
                                      mean=config.data.mean, std=config.data.std, num=8)
             plots.append(out)
     except Exception as e:  # noqa: BLE001

@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 from msd_jax import config as config_lib
+from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.models import vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,6 +30,16 @@ def tiny_model_config(**fields):
 def tiny_model(**fields) -> vit.ViTConfig:
     """The ViTConfig of tiny_model_config(**fields)."""
     return vit.ViTConfig.from_config(tiny_model_config(**fields))
+
+
+def model_of(config) -> vit.ViTConfig:
+    """The model config the command line builds once from `config` and hands to every party."""
+    return vit.ViTConfig.from_config(config.model)
+
+
+def mode_of(config) -> EncryptionMode:
+    """The encryption mode the command line parses once from `config` and hands to every party."""
+    return EncryptionMode.parse(config.encrypt.mode)
 
 
 # A model small enough for a training step in well under a second on one CPU core.

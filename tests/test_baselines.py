@@ -22,6 +22,7 @@ from msd_jax.config import base_config
 from msd_jax.data.sources import ImageSet
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
+from conftest import model_of
 from fake_devices import run_script
 from np_reference import np_dino_loss
 
@@ -376,7 +377,8 @@ def tiny_run(name, metrics_path=None):
     """3 steps of a baseline on 20 tiny images (batch 8), computed once per session."""
     if name not in _RUNS:
         lines = []
-        out = TRAINERS[name](tiny_config(), _images(20, 3), total_steps=3, metrics_path=metrics_path,
+        c = tiny_config()
+        out = TRAINERS[name](c, model_of(c), _images(20, 3), total_steps=3, metrics_path=metrics_path,
                              log=lines.append)
         _RUNS[name] = (out, lines)
     return _RUNS[name]
@@ -406,7 +408,7 @@ def test_centralized_runs(name, tmp_path):
     # the backbone works with the evaluation code unchanged
     tokens = vit.PatchHead(cfg).apply({"params": out["head"]}, imgs[:2])
     assert vit.encode_cls(cfg, out["body"], tokens).shape == (2, DIM)
-    again = trainer(c, imgs, total_steps=3, log=lambda _: None)
+    again = trainer(c, cfg, imgs, total_steps=3, log=lambda _: None)
     for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(again)):
         np.testing.assert_array_equal(a, b)                                            # deterministic
 
@@ -417,7 +419,8 @@ sys.path.insert(0, sys.argv[1])
 import jax, numpy as np
 assert jax.device_count() == 2, jax.devices()
 import test_baselines as tb
-out = tb.centralized.train_pixel_dino(tb.tiny_config(), tb._images(20, 3), total_steps=3, log=print)
+c = tb.tiny_config()
+out = tb.centralized.train_pixel_dino(c, tb.model_of(c), tb._images(20, 3), total_steps=3, log=print)
 np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree_util.tree_leaves(out)])
 """
 
@@ -455,10 +458,10 @@ def test_loop_stops_on_non_finite_metrics():
 def test_centralized_checkpoint_resume(tmp_path):
     c = tiny_config()
     imgs = _images(16, 4)
-    out = centralized.train_centralized_msd(c, imgs, total_steps=2, ckpt_dir=str(tmp_path / "ck"),
+    out = centralized.train_centralized_msd(c, model_of(c), imgs, total_steps=2, ckpt_dir=str(tmp_path / "ck"),
                                             log=lambda _: None)
     lines = []
-    again = centralized.train_centralized_msd(c, imgs, total_steps=2, ckpt_dir=str(tmp_path / "ck"),
+    again = centralized.train_centralized_msd(c, model_of(c), imgs, total_steps=2, ckpt_dir=str(tmp_path / "ck"),
                                               log=lines.append)
     assert any("resumed" in l for l in lines)
     for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(again)):
@@ -468,9 +471,9 @@ def test_centralized_checkpoint_resume(tmp_path):
 def test_centralized_input_errors():
     c = tiny_config()
     with pytest.raises(ValueError, match=r"config\.model\.image_size"):
-        centralized.train_pixel_dino(c, np.zeros((8, 32, 32, 1), np.float32), total_steps=1)
+        centralized.train_pixel_dino(c, model_of(c), np.zeros((8, 32, 32, 1), np.float32), total_steps=1)
     with pytest.raises(ValueError, match="total_steps"):
-        centralized.train_centralized_msd(c, _images(8), total_steps=0)
+        centralized.train_centralized_msd(c, model_of(c), _images(8), total_steps=0)
 
 
 # ---------------------------------------------------------------------------
@@ -490,23 +493,24 @@ def bright_dark(n, seed):
 def test_supervised_learns_a_separable_set():
     c = tiny_config(optim=dict(lr=0.01, warmup_frac=0.1), train=dict(batch_size=16, log_every=10))
     train, test = bright_dark(64, 0), bright_dark(48, 1)
-    out = supervised.train_supervised(c, train, total_steps=30, log=lambda _: None)
-    cfg = vit.ViTConfig.from_config(c.model)
+    cfg = model_of(c)
+    out = supervised.train_supervised(c, cfg, train, total_steps=30, log=lambda _: None)
     init, pos = centralized.initial_params(c, cfg)
     assert set(out) == {"head", "body", "classifier"}
     assert out["classifier"]["kernel"].shape == (DIM, 2) and out["classifier"]["bias"].shape == (2,)
     assert jax.tree_util.tree_structure(out["body"]) == jax.tree_util.tree_structure(init["student"]["body"])
     np.testing.assert_array_equal(out["head"]["pos_embed"], pos)
     assert np.abs(out["head"]["patch_embed"]["kernel"] - init["patch_embed"]["kernel"]).max() > 1e-5
-    probs = supervised.predict_supervised(c, out, test.images)
+    probs = supervised.predict_supervised(c, cfg, out, test.images)
     assert probs.shape == (48, 2)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert np.mean(probs.argmax(1) == test.labels) >= 0.9
-    again = supervised.train_supervised(c, train, total_steps=30, log=lambda _: None)
+    again = supervised.train_supervised(c, cfg, train, total_steps=30, log=lambda _: None)
     for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(again)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_predict_supervised_errors():
+    c = tiny_config()
     with pytest.raises(ValueError, match="classifier"):
-        supervised.predict_supervised(tiny_config(), {"head": {}, "body": {}}, _images(2))
+        supervised.predict_supervised(c, model_of(c), {"head": {}, "body": {}}, _images(2))

@@ -18,6 +18,7 @@ from msd_jax.experiments.compare import budget, command, report, settings
 from msd_jax.experiments.compare import rows as compare_rows
 from msd_jax.layout import Workdir
 from msd_jax.training import train as train_lib
+from conftest import mode_of, model_of
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -281,13 +282,14 @@ def test_planned_steps_reach_the_trainers_and_the_config_is_left_alone(tmp_path,
     before = copy.deepcopy(c.to_dict())
     real_train, seen = train_lib.train, []
 
-    def recording_train(config, *, party, total_steps, **kw):
+    def recording_train(config, model, *, party, total_steps, **kw):
         seen.append((party, total_steps))
-        return real_train(config, party=party, total_steps=total_steps, **kw)
+        return real_train(config, model, party=party, total_steps=total_steps, **kw)
     monkeypatch.setattr(train_lib, "train", recording_train)
 
     def run(row, steps):
-        compare_rows.RUNNERS[row](c, Workdir(str(tmp_path / row)), data, {"steps": steps}, lambda *_: None)
+        compare_rows.RUNNERS[row](c, model_of(c), mode_of(c), Workdir(str(tmp_path / row)), data,
+                                  {"steps": steps}, lambda *_: None)
     run("msd_model_upload", {"hospital_a": 3, "hospital_b": 2, "merge": 4})
     run("msd_token_upload", {"server": 5})
     assert seen == [("hospital_a", 3), ("hospital_b", 2), ("server_merge", 4), ("server", 5)]

@@ -16,7 +16,7 @@ from msd_jax.data.sites import FederatedData
 from msd_jax.data.sources import ImageSet
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
-from conftest import tiny_demo_config, tiny_model
+from conftest import mode_of, model_of, tiny_demo_config, tiny_model
 
 CFG = tiny_model(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
                     out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
@@ -178,7 +178,7 @@ def test_site_key_never_written(tmp_path, monkeypatch):
     imgs = _images(7, seed=9)
     data = FederatedData(sites=[("alpha", _imageset(imgs))], test=_imageset(imgs[:2]), proxy=None)
     wd = Workdir(str(tmp_path / "wd"))
-    parties.run_encrypt(cfg, wd, data, log=lambda *_: None)
+    parties.run_encrypt(cfg, model_of(cfg), mode_of(cfg), wd, data, log=lambda *_: None)
     monkeypatch.setattr(encrypt.os, "urandom", real_urandom)
     assert calls, "the urandom key source did not draw from os.urandom"
 
@@ -325,18 +325,19 @@ def test_secret_mode_eval_head_checks_the_fingerprint(tmp_path):
     cfg = _config("seed")
     cfg.encrypt.mode = "secret_head"
     root = str(tmp_path / "wd")
-    h1, fp1 = encrypt.site_head(cfg, root)
+    mode = mode_of(cfg)
+    h1, fp1 = encrypt.site_head(cfg, model_of(cfg), mode, root)
     assert not os.path.exists(os.path.join(root, "head", encrypt.HEAD_FILE))  # nothing public
-    encrypt.write_transform(os.path.join(root, "head"), CFG, cfg.encrypt.mode, fp1)
-    placeholder = encrypt.server_head(cfg, os.path.join(root, "head"), CFG)
+    encrypt.write_transform(os.path.join(root, "head"), CFG, mode, fp1)
+    placeholder = encrypt.server_head(mode, os.path.join(root, "head"), CFG)
     assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(placeholder))
-    got = encrypt.eval_head(cfg, root, CFG, placeholder)
+    got = encrypt.eval_head(cfg, CFG, mode, root, placeholder)
     np.testing.assert_array_equal(got["patch_embed"]["kernel"], h1["patch_embed"]["kernel"])
     other = _config("seed")
     other.encrypt.mode = "secret_head"
     other.seed = 5                                   # another shared key (seed-derived)
     with pytest.raises(ValueError, match="fingerprint"):
-        encrypt.eval_head(other, root, CFG, placeholder)
+        encrypt.eval_head(other, CFG, mode_of(other), root, placeholder)
     # paper mode: the backbone's public head is used as it is
     cfg.encrypt.mode = "paper"
-    assert encrypt.eval_head(cfg, root, CFG, placeholder) is placeholder
+    assert encrypt.eval_head(cfg, CFG, mode_of(cfg), root, placeholder) is placeholder

@@ -13,7 +13,7 @@ from msd_jax.encryption import encrypt, shards
 from msd_jax.training import train
 from msd_jax.protocols import comm, fedavg, model_io
 from msd_jax.layout import Workdir
-from conftest import tiny_demo_config
+from conftest import mode_of, model_of, tiny_demo_config
 from msd_jax.models import vit
 
 T, D = 16, 16
@@ -29,7 +29,7 @@ def make_config():
 def make_workdir(root, config, site_sizes, seed=0):
     """A work directory with the head and float32 shards of random tokens for each site."""
     wd = Workdir(str(root))
-    model_cfg = vit.ViTConfig.from_config(config.model)
+    model_cfg = model_of(config)
     _, fp = encrypt.get_or_create_head(wd.head, model_cfg, train.party_key(config.seed, "head"))
     rng = np.random.default_rng(seed)
     for i, n in enumerate(site_sizes):
@@ -89,20 +89,22 @@ E = 3
 def one_site(tmp_path_factory):
     config = make_config()
     wd = make_workdir(tmp_path_factory.mktemp("fedavg_one"), config, [10])
-    out = fedavg.run_fedavg(config, wd, rounds=1, local_steps=E, keep_rounds=True, log=quiet)
+    out = fedavg.run_fedavg(config, model_of(config), mode_of(config), wd, rounds=1, local_steps=E,
+                            keep_rounds=True, log=quiet)
     return config, wd, out
 
 
 def test_one_site_one_round_is_plain_training(one_site, tmp_path):
     config, wd, out = one_site
     tokens, _ = shards.load_shards(wd.shards("site0"))
-    ref = train.train(config, party="site0", tokens=tokens, init_params=train.init_student_params(config),
+    model = model_of(config)
+    ref = train.train(config, model, party="site0", tokens=tokens, init_params=train.init_student_params(config, model),
                       ckpt_dir=str(tmp_path / "ref"), total_steps=E, log=quiet)
     assert_trees_close(out["teacher"], ref.ema_params, atol=1e-6, rtol=1e-6)
     assert_trees_close(out["student"], ref.params, atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(out["center"], np.asarray(ref.center), atol=1e-7)
     # and the global model did move away from the initial one
-    init = train.init_student_params(config)
+    init = train.init_student_params(config, model)
     diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                for x, y in zip(jax.tree_util.tree_leaves(out["student"]), jax.tree_util.tree_leaves(init)))
     assert diff > 1e-5  # 10x the tolerance above
@@ -113,12 +115,12 @@ def test_two_sites_one_round_is_weighted_average_of_plain_training(tmp_path):
     config = make_config()
     sizes = [8, 12]
     wd = make_workdir(tmp_path / "wd", config, sizes, seed=1)
-    out = fedavg.run_fedavg(config, wd, rounds=1, local_steps=E, log=quiet)
+    out = fedavg.run_fedavg(config, model_of(config), mode_of(config), wd, rounds=1, local_steps=E, log=quiet)
     refs = []
     for i in range(2):
         tokens, _ = shards.load_shards(wd.shards(f"site{i}"))
-        refs.append(train.train(config, party=f"site{i}", tokens=tokens,
-                                init_params=train.init_student_params(config),
+        refs.append(train.train(config, model_of(config), party=f"site{i}", tokens=tokens,
+                                init_params=train.init_student_params(config, model_of(config)),
                                 ckpt_dir=str(tmp_path / f"ref{i}"), total_steps=E, log=quiet))
     w = np.array(sizes, np.float64) / sum(sizes)
     expected = jax.tree_util.tree_map(lambda a, b: w[0] * np.asarray(a, np.float64) + w[1] * np.asarray(b, np.float64),
@@ -131,9 +133,10 @@ def test_resume_skips_finished_rounds(tmp_path):
     """A second call after a finished run trains nothing and returns the same global model."""
     config = make_config()
     wd = make_workdir(tmp_path / "wd", config, [8, 8])
-    a = fedavg.run_fedavg(config, wd, rounds=2, local_steps=2, log=quiet)
+    a = fedavg.run_fedavg(config, model_of(config), mode_of(config), wd, rounds=2, local_steps=2, log=quiet)
     logs = []
-    b = fedavg.run_fedavg(config, wd, rounds=2, local_steps=2, log=logs.append)
+    b = fedavg.run_fedavg(config, model_of(config), mode_of(config), wd, rounds=2, local_steps=2,
+                          log=logs.append)
     assert not any("training" in m for m in logs)
     assert_trees_close(a["teacher"], b["teacher"], atol=0)
     assert len(b["traffic"]) == len(a["traffic"]) == 2 * 2 * 2  # rounds x sites x (down, up)
@@ -178,7 +181,7 @@ def test_token_and_model_upload_bytes_are_file_sizes(tmp_path):
     # float32 tokens: at least 4 bytes per value
     assert files_size(wd.shards("site1")) >= 9 * T * D * 4
     model_cfg = vit.ViTConfig.from_config(config.model)
-    init = train.init_student_params(config)
+    init = train.init_student_params(config, model_of(config))
     model_io.save_params(wd.initial, init, model_cfg)
     for s in ("site0", "site1"):
         model_io.save_params(wd.upload(s), init, model_cfg, site=s)
@@ -210,3 +213,29 @@ def test_totals_hand_computed():
     assert tot["per_site"] == {"a": {"up": 12, "down": 10}, "b": {"up": 0, "down": 3}}
     with pytest.raises(ValueError, match="direction"):
         comm.totals([{"round": 0, "site": "a", "direction": "sideways", "what": "x", "bytes": 1}])
+
+
+def test_server_run_uses_the_model_and_mode_it_is_given(tmp_path, monkeypatch):
+    """The command line builds the model config and parses the encryption mode once; a server run
+    (token upload) builds neither again."""
+    from msd_jax import parties
+    from msd_jax.encryption.modes import EncryptionMode
+    config = make_config()
+    config.protocol = "token_upload"
+    wd = make_workdir(tmp_path / "wd", config, [8])
+    model, mode = model_of(config), mode_of(config)
+    rebuilt = []
+    real_from_config, real_parse = vit.ViTConfig.from_config.__func__, EncryptionMode.parse.__func__
+
+    def counting_from_config(cls, *args, **kw):
+        rebuilt.append("model")
+        return real_from_config(cls, *args, **kw)
+
+    def counting_parse(cls, *args, **kw):
+        rebuilt.append("mode")
+        return real_parse(cls, *args, **kw)
+    monkeypatch.setattr(vit.ViTConfig, "from_config", classmethod(counting_from_config))
+    monkeypatch.setattr(EncryptionMode, "parse", classmethod(counting_parse))
+    parties.run_server(config, model, mode, wd, log=quiet, num_steps=1)
+    assert os.path.isfile(os.path.join(wd.backbone, "backbone.json"))
+    assert rebuilt == []

@@ -81,9 +81,9 @@ def test_pool_features_match_eval_features(kind):
 def test_finetune_beats_chance_and_the_loss_falls():
     c = tiny_config(finetune_batch_size=32, finetune_lr=0.02, finetune_warmup_frac=0.1,
                     finetune_layer_decay=0.75, finetune_features="cls")
-    _, head, body = backbone(c)
+    model, head, body = backbone(c)
     train, test = stripes(96, 0), stripes(64, 1)
-    r = ft.finetune(c, head, body, train, test, steps=80, seed=0, log=lambda _: None, log_every=10)
+    r = ft.finetune(c, model, head, body, train, test, steps=80, seed=0, log=lambda _: None, log_every=10)
     losses = [h["loss"] for h in r["history"]]
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.2
@@ -102,15 +102,15 @@ def test_finetune_beats_chance_and_the_loss_falls():
 
 def test_finetune_eval_trains_the_head_when_asked_and_is_deterministic():
     c = tiny_config(finetune_batch_size=16, finetune_lr=0.01)
-    _, head, body = backbone(c)
+    model, head, body = backbone(c)
     train, test = stripes(32, 2), stripes(16, 3)
     out = []
     for _ in range(2):
-        r = ft.finetune(c, head, body, train, test, steps=3, train_head=True, seed=1, log=lambda _: None)
+        r = ft.finetune(c, model, head, body, train, test, steps=3, train_head=True, seed=1, log=lambda _: None)
         out.append(r)
     assert np.abs(np.asarray(out[0]["params"]["patch_embed"]["kernel"]) - head["patch_embed"]["kernel"]).max() > 0
     np.testing.assert_array_equal(out[0]["probs"], out[1]["probs"])
-    e = ft.finetune_eval(c, head, body, train, test, steps=1, seed=1, log=lambda _: None)
+    e = ft.finetune_eval(c, model, head, body, train, test, steps=1, seed=1, log=lambda _: None)
     assert set(e) == {"accuracy", "auc"} and all(isinstance(v, float) for v in e.values())
 
 
@@ -130,10 +130,10 @@ def test_linear_probe_classifier_on_raw_features_equals_linear_probe():
 def test_finetune_from_linear_probe_init():
     c = tiny_config(finetune_batch_size=16, finetune_init="linear_probe", finetune_features="cls",
                     linear_steps=100)
-    _, head, body = backbone(c)
+    model, head, body = backbone(c)
     train, test = stripes(32, 2), stripes(16, 3)
-    r = ft.finetune(c, head, body, train, test, steps=2, log=lambda _: None)
-    feats = features_lib.extract_features(head, body, vit.ViTConfig.from_config(c.model), train.images,
+    r = ft.finetune(c, model, head, body, train, test, steps=2, log=lambda _: None)
+    feats = features_lib.extract_features(head, body, model, train.images,
                                           mean=0.5, std=0.25)["cls"]
     start = ft.fit_linear_classifier(feats, train.labels, 2, steps=100, weight_decay=1e-4, seed=0)
     # two small steps from the probe, far closer to it than to a random N(0, 0.01^2) start
@@ -143,17 +143,17 @@ def test_finetune_from_linear_probe_init():
 
 def test_finetune_errors():
     c = tiny_config()
-    _, head, body = backbone(c)
+    model, head, body = backbone(c)
     train = stripes(8, 0)
     other = ImageSet(train.images, train.labels, ("a", "b"), train.ids)
     with pytest.raises(ValueError, match="class_names"):
-        ft.finetune_eval(c, head, body, train, other, steps=1, log=lambda _: None)
+        ft.finetune_eval(c, model, head, body, train, other, steps=1, log=lambda _: None)
     with pytest.raises(ValueError, match=r"config\.eval\.finetune_layer_decay"):
-        ft.finetune_eval(tiny_config(finetune_layer_decay=0.0), head, body, train, train, steps=1,
+        ft.finetune_eval(tiny_config(finetune_layer_decay=0.0), model, head, body, train, train, steps=1,
                          log=lambda _: None)
     with pytest.raises(ValueError, match=r"config\.eval\.finetune_init"):
-        ft.finetune_eval(tiny_config(finetune_init="zeros"), head, body, train, train, steps=1,
+        ft.finetune_eval(tiny_config(finetune_init="zeros"), model, head, body, train, train, steps=1,
                          log=lambda _: None)
     with pytest.raises(ValueError, match=r"config\.eval\.features"):
-        ft.finetune_eval(tiny_config(finetune_features="pixels"), head, body, train, train, steps=1,
+        ft.finetune_eval(tiny_config(finetune_features="pixels"), model, head, body, train, train, steps=1,
                          log=lambda _: None)

@@ -21,6 +21,7 @@ from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 from msd_jax.protocols import centralized
 from msd_jax.training import batches, checkpoints, loop, metrics, tensorboard
+from conftest import model_of
 from test_baselines import _images, tiny_config
 from test_tensorboard import read_scalars
 
@@ -145,7 +146,7 @@ def test_centralized_baseline_writes_tensorboard_and_resumes(tmp_path):
     c = tiny_config(train=dict(log_every=1, checkpoint_every=1))
     imgs = _images(16, 4)
     quiet = lambda _: None  # noqa: E731
-    full = centralized.train_centralized_msd(c, imgs, total_steps=3, ckpt_dir=str(tmp_path / "full"),
+    full = centralized.train_centralized_msd(c, model_of(c), imgs, total_steps=3, ckpt_dir=str(tmp_path / "full"),
                                              metrics_path=str(tmp_path / "m.jsonl"),
                                              tensorboard_dir=str(tmp_path / "tb"), log=quiet)
     rows = metrics.read_metrics(str(tmp_path / "m.jsonl"))
@@ -158,11 +159,11 @@ def test_centralized_baseline_writes_tensorboard_and_resumes(tmp_path):
     # the same budget in two runs: the first leaves a checkpoint at step 2 only
     c2 = tiny_config(train=dict(log_every=1, checkpoint_every=2))
     part = str(tmp_path / "part")
-    centralized.train_centralized_msd(c2, imgs, total_steps=3, ckpt_dir=part, log=quiet)
+    centralized.train_centralized_msd(c2, model_of(c2), imgs, total_steps=3, ckpt_dir=part, log=quiet)
     with ocp.CheckpointManager(os.path.abspath(part)) as m:
         m.delete(3)
     logs = []
-    again = centralized.train_centralized_msd(c2, imgs, total_steps=3, ckpt_dir=part, log=logs.append)
+    again = centralized.train_centralized_msd(c2, model_of(c2), imgs, total_steps=3, ckpt_dir=part, log=logs.append)
     assert any("resumed from" in l and "step 2/3" in l for l in logs)
     for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(again)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

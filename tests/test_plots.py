@@ -11,7 +11,7 @@ from PIL import Image
 from msd_jax.evaluation import plots
 from msd_jax.training import metrics, train
 from msd_jax.models import vit
-from conftest import tiny_demo_config, tiny_model
+from conftest import mode_of, model_of, tiny_demo_config, tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -182,7 +182,8 @@ def test_train_records_collapse_warnings(tmp_path):
     c.train.update(batch_size=4, log_every=1, checkpoint_every=4, collapse_min_entropy=1e9)
     logs = []
     tokens = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
-    train.train(c, party="server", tokens=tokens, init_params=train.init_student_params(c),
+    model_cfg = model_of(c)
+    train.train(c, model_cfg, party="server", tokens=tokens, init_params=train.init_student_params(c, model_cfg),
                 ckpt_dir=str(tmp_path / "ckpt"), metrics_path=str(tmp_path / "m.jsonl"),
                 total_steps=4, log=logs.append)
     step_lines = [l for l in logs if " step " in l and "/4 loss" in l]
@@ -219,7 +220,8 @@ def test_train_flags_prototype_collapse(tmp_path):
                    collapse_max_entropy_frac=1.0, collapse_min_prototypes=33.0, tensorboard=False)
     logs = []
     tokens = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
-    train.train(c, party="server", tokens=tokens, init_params=train.init_student_params(c),
+    model_cfg = model_of(c)
+    train.train(c, model_cfg, party="server", tokens=tokens, init_params=train.init_student_params(c, model_cfg),
                 ckpt_dir=str(tmp_path / "ckpt"), metrics_path=str(tmp_path / "m.jsonl"),
                 tensorboard_dir=str(tmp_path / "tb"), total_steps=4, log=logs.append)
     step_lines = [l for l in logs if " step " in l and "/4 loss" in l]
@@ -280,7 +282,7 @@ def test_run_eval_by_site(tmp_path):
     from msd_jax import parties
     from msd_jax.evaluation.features import extract_features
     c, wd, data, cfg, head, body = _eval_case(tmp_path)
-    report = parties.run_eval(c, wd, data, log=lambda *_: None)
+    report = parties.run_eval(c, model_of(c), mode_of(c), wd, data, log=lambda *_: None)
     by_site = report["eval_by_site"]
     assert list(by_site) == ["a", "b"]
     assert [by_site[s]["num_images"] for s in ("a", "b")] == [6, 4]
@@ -312,7 +314,7 @@ def test_run_eval_per_site_off(tmp_path):
     c, wd, data, *_ = _eval_case(tmp_path)
     c.eval.update(per_site=False, random_init_baseline=False)
     c.train.tensorboard = False
-    report = parties.run_eval(c, wd, data, log=lambda *_: None)
+    report = parties.run_eval(c, model_of(c), mode_of(c), wd, data, log=lambda *_: None)
     assert "eval_by_site" not in report
     assert not any(p.endswith("site_accuracy.png") for p in report["plots"])
     assert not os.path.exists(wd.tensorboard("eval"))

@@ -20,7 +20,7 @@ from msd_jax.layout import Workdir
 from msd_jax.models import vit
 from msd_jax.experiments.privacy import attacks, metrics
 from msd_jax.encryption import modes
-from conftest import load_config, tiny_model
+from conftest import load_config, mode_of, model_of, tiny_model
 
 CFG = tiny_model(image_size=16, patch_size=4, channels=1, embed_dim=32, depth=1, num_heads=2,
                     out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
@@ -199,13 +199,14 @@ def test_known_head_attack_undoes_a_channel_permutation(head, sets):
 @pytest.mark.parametrize("bad", ["", "Paper", "paper+masked", "masked+masked", "secret", 3])
 def test_parse_mode_errors(bad):
     with pytest.raises(ValueError, match="config.encrypt.mode"):
-        modes.parse_mode(bad)
+        modes.EncryptionMode.parse(bad)
 
 
 def test_mode_names():
-    assert modes.parse_mode("paper") == frozenset()
-    assert modes.canonical("masked+secret_head+feature_perm") == "secret_head+feature_perm+masked"
-    assert [modes.secret_transform(m) for m in ("paper", "masked", "feature_perm", "secret_head+masked")] \
+    parse = modes.EncryptionMode.parse
+    assert parse("paper").parts == frozenset()
+    assert parse("masked+secret_head+feature_perm").name == "secret_head+feature_perm+masked"
+    assert [parse(m).secret_transform for m in ("paper", "masked", "feature_perm", "secret_head+masked")] \
         == [False, False, True, True]
 
 
@@ -225,6 +226,7 @@ def test_transforms_deterministic_and_keyed(head):
     imgs = smooth_images(4, seed=3)
     k1, k2 = jax.random.key(1), jax.random.key(2)
     for mode in ("secret_head", "feature_perm", "secret_head+feature_perm"):
+        mode = modes.EncryptionMode.parse(mode)
         a = encrypt.transform_head(mode, CFG, head, k1)
         b = encrypt.transform_head(mode, CFG, head, k1)
         c = encrypt.transform_head(mode, CFG, head, k2)
@@ -233,19 +235,20 @@ def test_transforms_deterministic_and_keyed(head):
         assert np.abs(ta - tc).max() > 0.1
         assert np.abs(ta - np_tokens(head, imgs)).max() > 0.1
     # feature_perm is the public head's output with its channels permuted
-    fp = np_tokens(encrypt.transform_head("feature_perm", CFG, head, k1), imgs)
+    fp = np_tokens(encrypt.transform_head(modes.EncryptionMode.parse("feature_perm"), CFG, head, k1), imgs)
     plain = np_tokens(head, imgs)
     cols_p, cols_f = plain.reshape(-1, 32).T, fp.reshape(-1, 32).T
     order = [int(np.argmin(np.abs(cols_p - cols_f[i]).sum(-1))) for i in range(32)]
     np.testing.assert_allclose(fp, plain[..., order], atol=1e-5)
     assert sorted(order) == list(range(32)) and order != list(range(32))
     # secret_head keeps the sincos positions' geometry (a rotation) but not their coordinates
-    pos = np.asarray(encrypt.transform_head("secret_head", CFG, head, k1)["pos_embed"], np.float64)[0]
+    secret_head = modes.EncryptionMode.parse("secret_head")
+    pos = np.asarray(encrypt.transform_head(secret_head, CFG, head, k1)["pos_embed"], np.float64)[0]
     ref = vit.sincos_pos_embed(32, 4).astype(np.float64)
     np.testing.assert_allclose(pos @ pos.T, ref @ ref.T, atol=1e-4)
     assert np.abs(pos - ref).max() > 0.1
     with pytest.raises(ValueError, match="shared key"):
-        encrypt.transform_head("secret_head", CFG, head, None)
+        encrypt.transform_head(secret_head, CFG, head, None)
 
 
 def test_shared_key_sources(tmp_path):
@@ -300,10 +303,11 @@ def test_secret_mode_keys_never_written(tmp_path, monkeypatch, protocol):
     data = _fed()
     wd = Workdir(str(tmp_path / "wd"))
     log = lambda *_: None  # noqa: E731
-    parties.run_encrypt(c, wd, data, log=log)
-    parties.run_sites(c, wd, wd.uploaded_sites(), log=log)
-    parties.run_server(c, wd, log=log)
-    report = parties.run_eval(c, wd, data, log=log)
+    model, mode = model_of(c), mode_of(c)
+    parties.run_encrypt(c, model, mode, wd, data, log=log)
+    parties.run_sites(c, model, mode, wd, wd.uploaded_sites(), log=log)
+    parties.run_server(c, model, mode, wd, log=log)
+    report = parties.run_eval(c, model, mode, wd, data, log=log)
     assert 0.0 <= report["eval"]["linear"]["accuracy"] <= 1.0
     monkeypatch.setattr(encrypt.os, "urandom", real)
 
@@ -311,7 +315,7 @@ def test_secret_mode_keys_never_written(tmp_path, monkeypatch, protocol):
     assert open(key_file, "rb").read() == secret                     # the key really came from here
     assert sorted(os.listdir(wd.head)) == [encrypt.TRANSFORM_META]   # no head parameters for the server
     key = encrypt.shared_key("urandom", 0, key_file)
-    site_head = encrypt.transform_head(c.encrypt.mode, CFG, None, key)
+    site_head = encrypt.transform_head(mode, CFG, None, key)
     # the shards hold tokens of this very head (so scanning for it is meaningful), half of them
     tokens, manifest = shards.load_shards(wd.shards("site0"))
     assert manifest["tokens_per_image"] == 8 and manifest["encrypt_mode"] == "secret_head+feature_perm+masked"
@@ -351,18 +355,18 @@ def test_secret_mode_keys_never_written(tmp_path, monkeypatch, protocol):
 def test_server_rejects_a_mode_mismatch(tmp_path):
     cfg = CFG
     head_dir = str(tmp_path / "head")
-    encrypt.write_transform(head_dir, cfg, "secret_head", "ab" * 32)
+    encrypt.write_transform(head_dir, cfg, modes.EncryptionMode.parse("secret_head"), "ab" * 32)
     c = load_config("demo", "quick")
     c.encrypt.mode = "paper"
     with pytest.raises(ValueError, match="transform.json"):
-        encrypt.expected_fingerprint(c, head_dir, cfg)
+        encrypt.expected_fingerprint(mode_of(c), head_dir, cfg)
     c.encrypt.mode = "secret_head+masked"
     with pytest.raises(ValueError, match="'mode'"):
-        encrypt.expected_fingerprint(c, head_dir, cfg)
+        encrypt.expected_fingerprint(mode_of(c), head_dir, cfg)
     c.encrypt.mode = "secret_head"
-    assert encrypt.expected_fingerprint(c, head_dir, cfg) == "ab" * 32
+    assert encrypt.expected_fingerprint(mode_of(c), head_dir, cfg) == "ab" * 32
     with pytest.raises(FileNotFoundError, match="transform.json"):
-        encrypt.expected_fingerprint(c, str(tmp_path / "none"), cfg)
+        encrypt.expected_fingerprint(mode_of(c), str(tmp_path / "none"), cfg)
 
 
 # ---------------------------------------------------------------------------------------------

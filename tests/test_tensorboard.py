@@ -11,7 +11,7 @@ from tensorboardX.proto import event_pb2
 
 from msd_jax.training import metrics, tensorboard, train
 from msd_jax.layout import Workdir
-from conftest import tiny_demo_config
+from conftest import model_of, tiny_demo_config
 
 
 def masked_crc(data):
@@ -57,7 +57,8 @@ def test_train_scalars_equal_metrics_lines(tmp_path):
     c = demo_config()
     wd = Workdir(str(tmp_path))
     tokens = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
-    train.train(c, party="server", tokens=tokens, init_params=train.init_student_params(c),
+    model = model_of(c)
+    train.train(c, model, party="server", tokens=tokens, init_params=train.init_student_params(c, model),
                 ckpt_dir=wd.checkpoints("server"), metrics_path=wd.metrics("server"),
                 tensorboard_dir=wd.tensorboard("server"), total_steps=6, log=lambda *_: None)
     assert wd.tensorboard("server") == os.path.join(str(tmp_path), "tensorboard", "server")

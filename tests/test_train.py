@@ -18,6 +18,7 @@ from msd_jax.training import train
 from msd_jax.training.batches import BatchOrder, batch_size_for
 from msd_jax.training.checkpoints import CheckpointMismatchError
 from msd_jax.training.metrics import TrainingDivergedError
+from conftest import model_of
 
 N, T, D = 10, 16, 16
 TOTAL, EVERY, STOP = 6, 2, 2   # batch 4 of 10 -> 2 steps/epoch: the run spans 3 epochs
@@ -44,8 +45,9 @@ def good_tokens():
 
 
 def run(config, ckpt_dir, tokens=None, total=TOTAL, metrics=None, logs=None, **kw):
-    return train.train(config, party="server", tokens=good_tokens() if tokens is None else tokens,
-                       init_params=train.init_student_params(config), ckpt_dir=str(ckpt_dir),
+    model = model_of(config)
+    return train.train(config, model, party="server", tokens=good_tokens() if tokens is None else tokens,
+                       init_params=train.init_student_params(config, model), ckpt_dir=str(ckpt_dir),
                        metrics_path=None if metrics is None else str(metrics), total_steps=total,
                        log=(logs.append if logs is not None else (lambda *_: None)), **kw)
 
@@ -96,7 +98,7 @@ def runs(tmp_path_factory):
 def test_full_run_trains_and_checkpoints(runs):
     full = runs["full"]
     assert int(full.step) == TOTAL
-    init = train.init_student_params(runs["cfg"])
+    init = train.init_student_params(runs["cfg"], model_of(runs["cfg"]))
     moved = [not np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(init))]
     assert sum(moved) > len(moved) // 2  # training changed the student
@@ -161,8 +163,8 @@ def test_checkpoint_of_another_budget(runs, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="total_steps"):
         run(runs["cfg"], d, total=TOTAL + 2)
     with pytest.raises(CheckpointMismatchError, match="num_heads_out"):
-        train.train(runs["cfg"], party="server", tokens=good_tokens(),
-                    init_params=train.init_student_params(runs["cfg"], 2), ckpt_dir=str(d),
+        train.train(runs["cfg"], model_of(runs["cfg"]), party="server", tokens=good_tokens(),
+                    init_params=train.init_student_params(runs["cfg"], model_of(runs["cfg"]), 2), ckpt_dir=str(d),
                     total_steps=TOTAL, num_heads_out=2, log=lambda *_: None)
 
 

@@ -223,70 +223,69 @@ def permute_channels(head_params, perm: np.ndarray):
             "pos_embed": np.asarray(head_params["pos_embed"])[..., perm]}
 
 
-def transform_head(mode: str, cfg: vit.ViTConfig, public_head, key) :
+def transform_head(mode: modes_lib.EncryptionMode, cfg: vit.ViTConfig, public_head, key):
     """The head the sites apply in `mode`: the public head, or one derived from the shared `key`
     (secret_head), with the channels permuted by the key (feature_perm). `key` may be None when the
     mode has no secret part; `public_head` may be None when the mode has secret_head."""
-    parts = modes_lib.parse_mode(mode)
-    if parts & {"secret_head", "feature_perm"} and key is None:
-        raise ValueError(f"encryption mode {mode!r} needs the sites' shared key")
-    head = secret_head_params(cfg, key) if "secret_head" in parts else jax.device_get(public_head)
-    if "feature_perm" in parts:
+    if mode.secret_transform and key is None:
+        raise ValueError(f"encryption mode {mode.name!r} needs the sites' shared key")
+    head = secret_head_params(cfg, key) if mode.secret_head else jax.device_get(public_head)
+    if mode.feature_perm:
         head = permute_channels(head, channel_permutation(cfg, key))
     return head
 
 
-def site_head(config, workdir: str, public_key: jax.Array = None):
-    """(head params, fingerprint) the sites apply in config.encrypt.mode. A public head comes from
+def site_head(config, cfg: vit.ViTConfig, mode: modes_lib.EncryptionMode, workdir: str,
+              public_key: jax.Array = None):
+    """(head params, fingerprint) the sites apply in `mode`. A public head comes from
     <workdir>/head/ (created from `public_key` the first time: the server's job before the round);
-    a secret one from the sites' shared key. Writes nothing but the public head."""
+    a secret one from the sites' shared key (config.encrypt's settings and config.seed). Writes
+    nothing but the public head."""
     e = config.encrypt
-    mode = modes_lib.canonical(e.mode)
-    cfg = vit.ViTConfig.from_config(config.model)
     head_dir = os.path.join(workdir, "head")
     public = None
-    if "secret_head" not in modes_lib.parse_mode(mode):
+    if not mode.secret_head:
         if public_key is None:
             public, _ = load_head(head_dir, cfg)
         else:
             public, _ = get_or_create_head(head_dir, cfg, public_key)
     key = None
-    if modes_lib.secret_transform(mode):
+    if mode.secret_transform:
         key = shared_key(e.shared_key_source, config.seed, shared_key_path(e, workdir))
     head = transform_head(mode, cfg, public, key)
     return head, head_fingerprint(cfg, head)
 
 
-def write_transform(head_dir: str, cfg: vit.ViTConfig, mode: str, fingerprint: str) -> None:
+def write_transform(head_dir: str, cfg: vit.ViTConfig, mode: modes_lib.EncryptionMode,
+                    fingerprint: str) -> None:
     """Secret modes: the sites' note to the server (mode and fingerprint, no parameters)."""
     os.makedirs(head_dir, exist_ok=True)
     path = os.path.join(head_dir, TRANSFORM_META)
     with open(path + ".tmp", "w") as f:
-        json.dump({"mode": modes_lib.canonical(mode), "fingerprint": fingerprint,
+        json.dump({"mode": mode.name, "fingerprint": fingerprint,
                    **{k: getattr(cfg, k) for k in HEAD_FIELDS}}, f, indent=1)
     os.replace(path + ".tmp", path)
 
 
-def expected_fingerprint(config, head_dir: str, cfg: vit.ViTConfig) -> str:
+def expected_fingerprint(mode: modes_lib.EncryptionMode, head_dir: str, cfg: vit.ViTConfig) -> str:
     """The fingerprint the server checks every shard against: the public head's (head/head.json)
     or, in a secret mode, the one the sites sent (head/transform.json)."""
-    mode = modes_lib.canonical(config.encrypt.mode)
     path = os.path.join(head_dir, TRANSFORM_META)
-    if not modes_lib.secret_transform(mode):
+    if not mode.secret_transform:
         if os.path.isfile(path):
             with open(path) as f:
                 got = json.load(f).get("mode")
-            raise ValueError(f"{path}: field 'mode' is {got!r}, but config.encrypt.mode is {mode!r} "
+            raise ValueError(f"{path}: field 'mode' is {got!r}, but config.encrypt.mode is {mode.name!r} "
                              "(the sites encrypted with a secret transform; use their mode)")
         return load_head(head_dir, cfg)[1]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no transform fingerprint here (config.encrypt.mode={mode!r} "
+        raise FileNotFoundError(f"{path}: no transform fingerprint here (config.encrypt.mode={mode.name!r} "
                                 "is a secret mode: the sites write it in --mode encrypt)")
     with open(path) as f:
         meta = json.load(f)
-    if meta.get("mode") != mode:
+    if meta.get("mode") != mode.name:
         raise ValueError(f"{path}: field 'mode' is {meta.get('mode')!r}, but config.encrypt.mode is "
-                         f"{mode!r}")
+                         f"{mode.name!r}")
     for k in HEAD_FIELDS:
         if meta.get(k) != getattr(cfg, k):
             raise ValueError(f"{path}: field {k!r} is {meta.get(k)!r} but config.model.{k} is "
@@ -294,22 +293,22 @@ def expected_fingerprint(config, head_dir: str, cfg: vit.ViTConfig) -> str:
     return meta["fingerprint"]
 
 
-def server_head(config, head_dir: str, cfg: vit.ViTConfig):
+def server_head(mode: modes_lib.EncryptionMode, head_dir: str, cfg: vit.ViTConfig):
     """The head the server stores in backbone/: the public head, or in a secret mode a zero
     placeholder (the server never has the sites' head; eval_head puts it back at the site side)."""
-    if modes_lib.secret_transform(config.encrypt.mode):
-        expected_fingerprint(config, head_dir, cfg)
+    if mode.secret_transform:
+        expected_fingerprint(mode, head_dir, cfg)
         return jax.tree_util.tree_map(np.zeros_like, jax.device_get(vit.init_head(cfg, jax.random.key(0))))
     return load_head(head_dir, cfg)[0]
 
 
-def eval_head(config, workdir: str, cfg: vit.ViTConfig, backbone_head):
+def eval_head(config, cfg: vit.ViTConfig, mode: modes_lib.EncryptionMode, workdir: str, backbone_head):
     """The head a site applies to its own images for evaluation: the backbone's (public) head, or
     in a secret mode the site's own head, checked against the fingerprint the server holds."""
-    if not modes_lib.secret_transform(config.encrypt.mode):
+    if not mode.secret_transform:
         return backbone_head
-    head, fp = site_head(config, workdir)
-    expected = expected_fingerprint(config, os.path.join(workdir, "head"), cfg)
+    head, fp = site_head(config, cfg, mode, workdir)
+    expected = expected_fingerprint(mode, os.path.join(workdir, "head"), cfg)
     if fp != expected:
         raise ValueError(f"{os.path.join(workdir, 'head', TRANSFORM_META)}: field 'fingerprint' is "
                          f"{expected[:16]}..., but this site's head (config.encrypt.shared_key_source="

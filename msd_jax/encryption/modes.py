@@ -9,6 +9,8 @@ A mode is 'paper' or a '+'-joined combination of the parts below, e.g. 'secret_h
 """
 from __future__ import annotations
 
+import dataclasses
+
 PARTS = ("secret_head", "feature_perm", "masked")
 PAPER = "paper"
 # The modes the audit measures by default (every combination worth a row).
@@ -16,37 +18,56 @@ ALL_MODES = ("paper", "masked", "feature_perm", "secret_head", "feature_perm+mas
              "secret_head+masked", "secret_head+feature_perm+masked")
 
 
-def parse_mode(mode, field: str = "config.encrypt.mode") -> frozenset:
+def _parse_parts(text, field: str) -> frozenset:
     """'paper' -> frozenset(); 'secret_head+masked' -> {'secret_head', 'masked'}. Raises a
     ValueError naming `field` for anything else."""
     expected = (f"expected 'paper' or a '+'-joined combination of {list(PARTS)} "
                 "(e.g. 'secret_head+masked')")
-    if not isinstance(mode, str) or not mode.strip():
-        raise ValueError(f"{field}: {expected}, got {mode!r}")
-    if mode == PAPER:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{field}: {expected}, got {text!r}")
+    if text == PAPER:
         return frozenset()
-    parts = [p.strip() for p in mode.split("+")]
+    parts = [p.strip() for p in text.split("+")]
     bad = [p for p in parts if p not in PARTS]
     if bad or len(set(parts)) != len(parts):
         why = f"unknown part(s) {bad}" if bad else "a part repeated"
-        raise ValueError(f"{field}: {expected}, got {mode!r} ({why})")
+        raise ValueError(f"{field}: {expected}, got {text!r} ({why})")
     return frozenset(parts)
 
 
-def canonical(mode) -> str:
-    """The mode's name with its parts in the fixed order of PARTS."""
-    parts = parse_mode(mode)
-    return "+".join(p for p in PARTS if p in parts) or PAPER
+@dataclasses.dataclass(frozen=True)
+class EncryptionMode:
+    """A parsed encryption mode: read once from the config, then handed to whoever needs it."""
 
+    parts: frozenset
 
-def secret_transform(mode) -> bool:
-    """True when the sites' head transform is secret (the server must not hold the head)."""
-    return bool(parse_mode(mode) & {"secret_head", "feature_perm"})
+    @classmethod
+    def parse(cls, text, field: str = "config.encrypt.mode") -> "EncryptionMode":
+        return cls(_parse_parts(text, field))
 
+    @property
+    def name(self) -> str:
+        """The mode's name with its parts in the fixed order of PARTS."""
+        return "+".join(p for p in PARTS if p in self.parts) or PAPER
 
-def upload_keep_ratio(encrypt_cfg) -> float:
-    """The share of each image's tokens a site uploads: encrypt.masked_keep_ratio in a 'masked'
-    mode, else encrypt.keep_ratio."""
-    if "masked" in parse_mode(encrypt_cfg.mode):
-        return float(encrypt_cfg.masked_keep_ratio)
-    return float(encrypt_cfg.keep_ratio)
+    @property
+    def secret_head(self) -> bool:
+        return "secret_head" in self.parts
+
+    @property
+    def feature_perm(self) -> bool:
+        return "feature_perm" in self.parts
+
+    @property
+    def masked(self) -> bool:
+        return "masked" in self.parts
+
+    @property
+    def secret_transform(self) -> bool:
+        """True when the sites' head transform is secret (the server must not hold the head)."""
+        return self.secret_head or self.feature_perm
+
+    def upload_keep_ratio(self, encrypt_cfg) -> float:
+        """The share of each image's tokens a site uploads: encrypt.masked_keep_ratio in a 'masked'
+        mode, else encrypt.keep_ratio."""
+        return float(encrypt_cfg.masked_keep_ratio if self.masked else encrypt_cfg.keep_ratio)

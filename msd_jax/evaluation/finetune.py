@@ -37,11 +37,10 @@ def fit_linear_classifier(train_features, labels, num_classes: int, *, steps: in
     return {"kernel": kernel.astype(np.float32), "bias": (b - mean @ kernel).astype(np.float32)}
 
 
-def finetune(config, head_params, body_params, train_set, test_set, *, steps: int,
+def finetune(config, model: vit.ViTConfig, head_params, body_params, train_set, test_set, *, steps: int,
              train_head: bool = False, seed: int = 0, log: Callable[[str], None] = print,
              log_every: Optional[int] = None) -> dict:
     """`finetune_eval` plus the trained params and the logged training metrics ("history")."""
-    model_cfg = vit.ViTConfig.from_config(config.model)
     kind = config.eval.finetune_features or parse_kinds(config.eval.features)[0]
     parse_kinds(kind)
     num_classes = len(train_set.class_names)
@@ -70,7 +69,7 @@ def finetune(config, head_params, body_params, train_set, test_set, *, steps: in
         raise ValueError(f"config.eval.finetune_init: expected 'linear_probe' or 'random', got {init!r}")
     classifier = None
     if init == "linear_probe":
-        feats = features_lib.extract_features(head_params, body_params, model_cfg, train_set.images,
+        feats = features_lib.extract_features(head_params, body_params, model, train_set.images,
                                               mean=config.data.mean, std=config.data.std,
                                               batch_size=config.eval.batch_size)[kind]
         classifier = fit_linear_classifier(feats, train_set.labels, num_classes,
@@ -78,7 +77,7 @@ def finetune(config, head_params, body_params, train_set, test_set, *, steps: in
                                            weight_decay=config.eval.linear_weight_decay,
                                            seed=seed)
     params, forward, history = classifier_lib.train_classifier(
-        config, head_params, body_params, train_set.images, train_set.labels, s, batch_size=batch_size,
+        config, model, head_params, body_params, train_set.images, train_set.labels, s, batch_size=batch_size,
         key=key, party="finetune", log=log, log_every=log_every, classifier=classifier)
     probs = classifier_lib.predict(forward, params, test_set.images, config.eval.batch_size)
     result = {"accuracy": accuracy(probs, test_set.labels), "auc": roc_auc(probs, test_set.labels)}
@@ -87,10 +86,10 @@ def finetune(config, head_params, body_params, train_set, test_set, *, steps: in
     return {**result, "params": params, "history": history, "probs": probs}
 
 
-def finetune_eval(config, head_params, body_params, train_set, test_set, *, steps: int,
+def finetune_eval(config, model: vit.ViTConfig, head_params, body_params, train_set, test_set, *, steps: int,
                   train_head: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Fine-tunes the backbone (the body, and the patch embedding if `train_head`) with a new linear
     classifier on train_set for `steps` steps; returns {"accuracy", "auc"} on test_set."""
-    r = finetune(config, head_params, body_params, train_set, test_set, steps=steps,
+    r = finetune(config, model, head_params, body_params, train_set, test_set, steps=steps,
                  train_head=train_head, seed=seed, log=log)
     return {"accuracy": r["accuracy"], "auc": r["auc"]}

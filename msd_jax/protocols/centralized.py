@@ -106,29 +106,29 @@ def initial_params(config, model_cfg: vit.ViTConfig):
     return {"patch_embed": head["patch_embed"], "student": student}, np.asarray(head["pos_embed"])
 
 
-def _train_ssl(config, images, *, total_steps: int, party: str, pixel: bool, ckpt_dir: Optional[str],
-               metrics_path: Optional[str], tensorboard_dir: Optional[str], log) -> dict:
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    images = batches.check_images(images, model_cfg)
+def _train_ssl(config, model: vit.ViTConfig, images, *, total_steps: int, party: str, pixel: bool,
+               ckpt_dir: Optional[str], metrics_path: Optional[str], tensorboard_dir: Optional[str],
+               log) -> dict:
+    images = batches.check_images(images, model)
     if total_steps < 1:
         raise ValueError(f"total_steps: expected >= 1, got {total_steps}")
     mesh = step_lib.make_mesh()
     batch = batches.batch_size_for(config.train.batch_size, len(images), mesh.devices.size)
     order = batches.BatchOrder(jax.random.fold_in(train_lib.party_key(config.seed, party), 1),
                                len(images), batch)
-    sc = step_lib.StepConfig.from_config(config, model_cfg.num_patches, total_steps,
+    sc = step_lib.StepConfig.from_config(config, model.num_patches, total_steps,
                                          order.steps_per_epoch, batch)
     pc = pv_lib.PixelViewConfig.from_config(config) if pixel else None
-    params, pos = initial_params(config, model_cfg)
-    state = step_lib.init_state(params, 1, model_cfg.out_dim, sc)
+    params, pos = initial_params(config, model)
+    state = step_lib.init_state(params, 1, model.out_dim, sc)
     step_fn = step_lib.jit_train_step(
-        make_ssl_step(model_cfg, sc, pos, mean=config.data.mean, std=config.data.std, pixel=pc), mesh)
+        make_ssl_step(model, sc, pos, mean=config.data.mean, std=config.data.std, pixel=pc), mesh)
     if pixel:
         describe = (f", pixel views {sc.num_global}x{pc.global_size}px + {sc.num_local}x"
                     f"{pc.local_size}px crops")
     else:
         describe = f", token views {sc.num_global}x{sc.size_global} + {sc.num_local}x{sc.size_local} tokens"
-    meta = {"party": party, "total_steps": total_steps, "model": model_cfg.to_dict()}
+    meta = {"party": party, "total_steps": total_steps, "model": model.to_dict()}
     state = loop.run(config, party=party, step_fn=step_fn, state=state, arrays=(images,), order=order,
                      mesh=mesh, key=train_lib.party_key(config.seed, party), total_steps=total_steps,
                      ckpt_dir=ckpt_dir, meta=meta, metrics_path=metrics_path,
@@ -138,21 +138,22 @@ def _train_ssl(config, images, *, total_steps: int, party: str, pixel: bool, ckp
             "body": teacher["student"]["body"]}
 
 
-def train_pixel_dino(config, images, *, total_steps: int, ckpt_dir: Optional[str] = None,
-                     metrics_path: Optional[str] = None, tensorboard_dir: Optional[str] = None,
-                     log: Callable[[str], None] = print) -> dict:
+def train_pixel_dino(config, model: vit.ViTConfig, images, *, total_steps: int,
+                     ckpt_dir: Optional[str] = None, metrics_path: Optional[str] = None,
+                     tensorboard_dir: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Centralized DINO with pixel multi-crop views on the pooled raw images [N, H, W, C] in [0, 1].
     Returns the teacher {"head": {"patch_embed", "pos_embed"}, "body"}."""
-    return _train_ssl(config, images, total_steps=total_steps, party="central_pixel_dino", pixel=True,
+    return _train_ssl(config, model, images, total_steps=total_steps, party="central_pixel_dino", pixel=True,
                       ckpt_dir=ckpt_dir, metrics_path=metrics_path, tensorboard_dir=tensorboard_dir,
                       log=log)
 
 
-def train_centralized_msd(config, images, *, total_steps: int, ckpt_dir: Optional[str] = None,
-                          metrics_path: Optional[str] = None, tensorboard_dir: Optional[str] = None,
+def train_centralized_msd(config, model: vit.ViTConfig, images, *, total_steps: int,
+                          ckpt_dir: Optional[str] = None, metrics_path: Optional[str] = None,
+                          tensorboard_dir: Optional[str] = None,
                           log: Callable[[str], None] = print) -> dict:
     """Centralized MSD: token views of the unpermuted tokens, patch embedding trained jointly.
     Returns the teacher {"head": {"patch_embed", "pos_embed"}, "body"}."""
-    return _train_ssl(config, images, total_steps=total_steps, party="central_msd", pixel=False,
+    return _train_ssl(config, model, images, total_steps=total_steps, party="central_msd", pixel=False,
                       ckpt_dir=ckpt_dir, metrics_path=metrics_path, tensorboard_dir=tensorboard_dir,
                       log=log)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msd_jax.encryption import encrypt, shards
+from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
 from msd_jax.protocols import model_io
 from msd_jax.layout import Workdir
@@ -65,10 +66,9 @@ def _upload_dir(wd: Workdir, r: int, site: str) -> str:
     return os.path.join(_round_dir(wd, r), "uploads", site)
 
 
-def _template(config):
-    init = train.init_student_params(config)
-    out_dim = vit.ViTConfig.from_config(config.model).out_dim
-    return {"student": init, "teacher": init, "center": np.zeros((1, out_dim), np.float32)}
+def _template(config, model: vit.ViTConfig):
+    init = train.init_student_params(config, model)
+    return {"student": init, "teacher": init, "center": np.zeros((1, model.out_dim), np.float32)}
 
 
 def round_steps(rounds: int, local_steps) -> list[int]:
@@ -80,7 +80,8 @@ def round_steps(rounds: int, local_steps) -> list[int]:
     return steps
 
 
-def run_fedavg(config, wd: Workdir, *, rounds: int, local_steps, keep_rounds: bool = False,
+def run_fedavg(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, *, rounds: int, local_steps,
+               keep_rounds: bool = False,
                log: Callable[[str], None] = print) -> dict:
     """Runs FedAvg-MSD over the sites whose shards are in `wd` (written by `parties.run_encrypt`;
     in FedAvg they stay at their site). Returns {"teacher": the global teacher {'body', 'heads_0'},
@@ -90,15 +91,14 @@ def run_fedavg(config, wd: Workdir, *, rounds: int, local_steps, keep_rounds: bo
     the next global model is written (their sizes are recorded first in fedavg/traffic.json)."""
     steps = round_steps(rounds, local_steps)
     offsets = np.concatenate([[0], np.cumsum(steps)]).astype(int).tolist()
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
+    fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     sites = wd.uploaded_sites()
     if not sites:
         raise FileNotFoundError(f"{wd.shards('')}: no site shards (run parties.run_encrypt first)")
     tokens = {s: shards.load_shards(wd.shards(s), expected_fingerprint=fingerprint)[0] for s in sites}
     sizes = [len(tokens[s]) for s in sites]
     total = offsets[-1]
-    template = _template(config)
+    template = _template(config, model)
     traffic_path = os.path.join(wd.root, ROOT, "traffic.json")
     traffic = []
     if os.path.isfile(traffic_path):
@@ -111,7 +111,7 @@ def run_fedavg(config, wd: Workdir, *, rounds: int, local_steps, keep_rounds: bo
             start = r
             break
     else:
-        model_io.save_params(_global_dir(wd, 0), template, model_cfg, role="fedavg global", round=0)
+        model_io.save_params(_global_dir(wd, 0), template, model, role="fedavg global", round=0)
     traffic = [t for t in traffic if t["round"] < start]
     for r in range(start, rounds):
         gdir = _global_dir(wd, r)
@@ -119,27 +119,27 @@ def run_fedavg(config, wd: Workdir, *, rounds: int, local_steps, keep_rounds: bo
         for site in sites:
             udir = _upload_dir(wd, r, site)
             if not os.path.isfile(os.path.join(udir, model_io.META_FILE)):
-                g, _ = model_io.load_params(gdir, template, model_cfg)  # the site's download
+                g, _ = model_io.load_params(gdir, template, model)  # the site's download
                 # a fresh optimizer state each round (FedAvg averages the models, not Adam's moments)
                 sc = step_lib.StepConfig.from_config(config, tokens[site].shape[1], total, 1,
                                                      config.train.batch_size)
-                fresh = step_lib.init_state(g["student"], 1, model_cfg.out_dim, sc)
+                fresh = step_lib.init_state(g["student"], 1, model.out_dim, sc)
                 state = fresh.replace(step=jnp.asarray(offsets[r], jnp.int32),
                                       ema_params=g["teacher"], center=jnp.asarray(g["center"]))
-                st = train.train(config, party=site, tokens=tokens[site], init_params=g["student"],
+                st = train.train(config, model, party=site, tokens=tokens[site], init_params=g["student"],
                                  ckpt_dir=os.path.join(_round_dir(wd, r), "checkpoints", site),
                                  metrics_path=wd.metrics(f"fedavg_{site}"), total_steps=total,
                                  stop_at=offsets[r + 1], init_state=state, log=log)
                 model_io.save_params(udir, {"student": st.params, "teacher": st.ema_params,
                                             "center": np.asarray(st.center)},
-                                     model_cfg, role="fedavg site model", site=site, round=r)
-            uploads.append(model_io.load_params(udir, template, model_cfg)[0])  # the server's download
+                                     model, role="fedavg site model", site=site, round=r)
+            uploads.append(model_io.load_params(udir, template, model)[0])  # the server's download
             traffic += [{"round": r, "site": site, "direction": "down", "what": "global model",
                          "bytes": model_io.file_bytes(gdir)},
                         {"round": r, "site": site, "direction": "up", "what": "site model",
                          "bytes": model_io.file_bytes(udir)}]
         new_global = weighted_average(uploads, sizes)
-        model_io.save_params(_global_dir(wd, r + 1), new_global, model_cfg, role="fedavg global",
+        model_io.save_params(_global_dir(wd, r + 1), new_global, model, role="fedavg global",
                              round=r + 1)
         with open(traffic_path + ".tmp", "w") as f:
             json.dump(traffic, f)
@@ -147,7 +147,7 @@ def run_fedavg(config, wd: Workdir, *, rounds: int, local_steps, keep_rounds: bo
         if not keep_rounds:
             shutil.rmtree(_round_dir(wd, r), ignore_errors=True)
         log(f"[fedavg] round {r + 1}/{rounds}: averaged {len(sites)} site models (weights {sizes})")
-    final, _ = model_io.load_params(_global_dir(wd, rounds), template, model_cfg)
+    final, _ = model_io.load_params(_global_dir(wd, rounds), template, model)
     return {"teacher": final["teacher"], "student": final["student"], "center": final["center"],
             "traffic": traffic, "sites": sites, "site_sizes": sizes,
             "optimizer_steps": total * len(sites), "round_steps": steps}

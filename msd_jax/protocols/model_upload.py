@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msd_jax.encryption import encrypt, shards
+from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
 from msd_jax.protocols import model_io
 from msd_jax.protocols.token_upload import load_uploaded_tokens
@@ -21,28 +22,27 @@ from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
 
 
-def send_initial(config, wd: Workdir) -> int:
+def send_initial(config, model: vit.ViTConfig, wd: Workdir) -> int:
     """Server: writes the initial student every site starts from; returns its bytes."""
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    return model_io.save_params(wd.initial, train.init_student_params(config), model_cfg,
+    return model_io.save_params(wd.initial, train.init_student_params(config, model), model,
                                 role="initial student")
 
 
-def train_site(config, wd: Workdir, site: str, log=print, *, site_steps: int | None = None) -> int:
+def train_site(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, site: str, log=print, *,
+               site_steps: int | None = None) -> int:
     """Site: trains on its own shards from the initial student for `site_steps` steps (default
     config.train.site_steps); writes uploads/<site>/ (the EMA teacher, the site's model) and returns
     the bytes uploaded."""
     steps = config.train.site_steps if site_steps is None else site_steps
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
+    fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     tokens, _ = shards.load_shards(wd.shards(site), expected_fingerprint=fingerprint)
-    template = train.init_student_params(config)
-    initial, _ = model_io.load_params(wd.initial, template, model_cfg)
-    state = train.train(config, party=site, tokens=tokens, init_params=initial,
+    template = train.init_student_params(config, model)
+    initial, _ = model_io.load_params(wd.initial, template, model)
+    state = train.train(config, model, party=site, tokens=tokens, init_params=initial,
                         ckpt_dir=wd.checkpoints(site), metrics_path=wd.metrics(site),
                         tensorboard_dir=wd.tensorboard(site),
                         total_steps=steps, log=log)
-    return model_io.save_params(wd.upload(site), state.ema_params, model_cfg, site=site,
+    return model_io.save_params(wd.upload(site), state.ema_params, model, site=site,
                                 num_images=int(len(tokens)), steps=steps)
 
 
@@ -70,24 +70,24 @@ def distillation_tokens(config, wd: Workdir, fingerprint: str) -> np.ndarray:
     return load_uploaded_tokens(wd, fingerprint, wd.uploaded_sites())
 
 
-def merge(config, wd: Workdir, log=print, *, num_steps: int | None = None):
+def merge(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=print, *,
+          num_steps: int | None = None):
     """Server: one-shot distillation of the uploaded site models into one student for `num_steps`
     steps (default config.merge.num_steps). Returns the merged student's EMA parameters
     {'body', 'heads_0', ...}."""
     steps = config.merge.num_steps if num_steps is None else num_steps
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
+    fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     sites = wd.uploaded_models()
     if not sites:
         raise FileNotFoundError(f"{wd.upload('')}: no site models uploaded (run --mode site at the sites)")
-    template = train.init_student_params(config)
-    site_params = [model_io.load_params(wd.upload(s), template, model_cfg)[0] for s in sites]
+    template = train.init_student_params(config, model)
+    site_params = [model_io.load_params(wd.upload(s), template, model)[0] for s in sites]
     tokens = distillation_tokens(config, wd, fingerprint)
     student = merged_init(site_params, template, config.merge.init)
     stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *site_params)
     log(f"[server] merging {len(sites)} site models by one-shot distillation on "
         f"{len(tokens)} {config.merge.data} token sets")
-    state = train.train(config, party="server_merge", tokens=tokens, init_params=student,
+    state = train.train(config, model, party="server_merge", tokens=tokens, init_params=student,
                         ckpt_dir=wd.checkpoints("server_merge"), metrics_path=wd.metrics("server_merge"),
                         tensorboard_dir=wd.tensorboard("server_merge"),
                         total_steps=steps, num_heads_out=len(sites),

@@ -34,18 +34,18 @@ def _settings(config, num_classes: int, total_steps: int, batch: int) -> classif
         feature_kind=FEATURE, train_head=True, b1=o.b1, b2=o.b2)
 
 
-def train_supervised(config, train_set, *, total_steps: int, log: Callable[[str], None] = print) -> dict:
+def train_supervised(config, model: vit.ViTConfig, train_set, *, total_steps: int,
+                     log: Callable[[str], None] = print) -> dict:
     """Returns {"head": {"patch_embed", "pos_embed"}, "body", "classifier": {"kernel", "bias"}}."""
-    model_cfg = vit.ViTConfig.from_config(config.model)
     num_classes = len(train_set.class_names)
     if num_classes < 2:
         raise ValueError(f"train_set: expected >= 2 classes, got class_names {train_set.class_names}")
-    init, pos = centralized.initial_params(config, model_cfg)
+    init, pos = centralized.initial_params(config, model)
     batch = min(config.train.batch_size, len(train_set))
     s = _settings(config, num_classes, total_steps, batch)
     head = {"patch_embed": init["patch_embed"], "pos_embed": pos}
     params, _, _ = classifier_lib.train_classifier(
-        config, head, init["student"]["body"], train_set.images, train_set.labels, s,
+        config, model, head, init["student"]["body"], train_set.images, train_set.labels, s,
         batch_size=config.train.batch_size, key=train_lib.party_key(config.seed, "supervised"),
         party="supervised", log=log)
     params = jax.device_get(params)
@@ -53,17 +53,16 @@ def train_supervised(config, train_set, *, total_steps: int, log: Callable[[str]
             "body": params["body"], "classifier": params["classifier"]}
 
 
-def predict_supervised(config, params: dict, images) -> np.ndarray:
+def predict_supervised(config, model: vit.ViTConfig, params: dict, images) -> np.ndarray:
     """Class probabilities [N, num_classes] of raw images [N, H, W, C] in [0, 1]."""
-    model_cfg = vit.ViTConfig.from_config(config.model)
     for k in ("head", "body", "classifier"):
         if k not in params:
             raise ValueError(f"params: expected keys 'head', 'body', 'classifier' (train_supervised's "
                              f"output), missing {k!r}")
-    images = batches.check_images(images, model_cfg)
+    images = batches.check_images(images, model)
     num_classes = int(np.shape(params["classifier"]["bias"])[0])
     s = _settings(config, num_classes, 1, 1)
-    forward = classifier_lib.make_forward(model_cfg, s, params["head"]["pos_embed"], None, config.data.mean,
+    forward = classifier_lib.make_forward(model, s, params["head"]["pos_embed"], None, config.data.mean,
                               config.data.std)
     p = {"patch_embed": params["head"]["patch_embed"], "body": params["body"],
          "classifier": params["classifier"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from msd_jax.encryption import encrypt, shards
+from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
@@ -22,15 +23,15 @@ def load_uploaded_tokens(wd: Workdir, fingerprint: str, sites: list[str]) -> np.
     return np.concatenate(parts)
 
 
-def train_server(config, wd: Workdir, log=print, *, num_steps: int | None = None):
+def train_server(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=print, *,
+                 num_steps: int | None = None):
     """Trains for `num_steps` steps (default config.train.num_steps); returns the trained teacher's
     parameters {'body', 'heads_0'}."""
     steps = config.train.num_steps if num_steps is None else num_steps
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    fingerprint = encrypt.expected_fingerprint(config, wd.head, model_cfg)
+    fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     tokens = load_uploaded_tokens(wd, fingerprint, wd.uploaded_sites())
-    state = train.train(config, party="server", tokens=tokens,
-                        init_params=train.init_student_params(config),
+    state = train.train(config, model, party="server", tokens=tokens,
+                        init_params=train.init_student_params(config, model),
                         ckpt_dir=wd.checkpoints("server"), metrics_path=wd.metrics("server"),
                         tensorboard_dir=wd.tensorboard("server"),
                         total_steps=steps, log=log)

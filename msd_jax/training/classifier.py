@@ -126,14 +126,14 @@ def make_classifier_step(model_cfg: vit.ViTConfig, s: ClassifierSettings, forwar
     return step_fn
 
 
-def train_classifier(config, head_params, body_params, images, labels, s: ClassifierSettings, *,
-                     batch_size: int, key: jax.Array, party: str, log: Callable[[str], None] = print,
-                     log_every: Optional[int] = None, classifier: Optional[dict] = None):
+def train_classifier(config, model: vit.ViTConfig, head_params, body_params, images, labels,
+                     s: ClassifierSettings, *, batch_size: int, key: jax.Array, party: str,
+                     log: Callable[[str], None] = print, log_every: Optional[int] = None,
+                     classifier: Optional[dict] = None):
     """Trains {patch_embed (if s.train_head), body, classifier} on labelled images, the classifier
     from `classifier` ({"kernel", "bias"}) or N(0, 0.01^2). Returns (params, forward, history) where
     history lists the logged metrics dicts."""
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    images = batches.check_images(images, model_cfg)
+    images = batches.check_images(images, model)
     labels = np.asarray(labels).astype(np.int32)
     if labels.shape != (len(images),):
         raise ValueError(f"labels: expected shape ({len(images)},), got {labels.shape}")
@@ -145,7 +145,7 @@ def train_classifier(config, head_params, body_params, images, labels, s: Classi
     mesh = step_lib.make_mesh()
     batch = batches.batch_size_for(batch_size, len(images), mesh.devices.size)
     order = batches.BatchOrder(jax.random.fold_in(key, 1), len(images), batch)
-    fdim = vit.feature_dim(model_cfg, s.feature_kind)
+    fdim = vit.feature_dim(model, s.feature_kind)
     if classifier is None:
         classifier = {"kernel": 0.01 * jax.random.normal(jax.random.fold_in(key, 2),
                                                          (fdim, s.num_classes), jnp.float32),
@@ -158,12 +158,12 @@ def train_classifier(config, head_params, body_params, images, labels, s: Classi
     if s.train_head:
         params["patch_embed"] = jax.tree_util.tree_map(jnp.asarray, head_params["patch_embed"])
     params = jax.device_get(params)
-    forward = make_forward(model_cfg, s, head_params["pos_embed"],
+    forward = make_forward(model, s, head_params["pos_embed"],
                            jax.tree_util.tree_map(jnp.asarray, head_params["patch_embed"]),
                            config.data.mean, config.data.std)
     pc = pv_lib.PixelViewConfig.from_config(config)
-    scales = layer_scales(params, model_cfg.depth, s.layer_decay)
-    step_fn = make_classifier_step(model_cfg, s, forward, pc, scales)
+    scales = layer_scales(params, model.depth, s.layer_decay)
+    step_fn = make_classifier_step(model, s, forward, pc, scales)
     rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     step_fn = jax.jit(step_fn, in_shardings=(rep, bat, bat, bat, rep), out_shardings=(rep, rep),
                       donate_argnums=(0,))

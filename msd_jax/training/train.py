@@ -64,7 +64,7 @@ def checkpoint_meta(model_cfg: vit.ViTConfig, party: str, num_heads_out: int, to
             "total_steps": total_steps}
 
 
-def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir: str,
+def train(config, model: vit.ViTConfig, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir: str,
           metrics_path: Optional[str] = None, total_steps: int, num_heads_out: int = 1,
           site_params: Any = None, stop_at: Optional[int] = None,
           log: Callable[[str], None] = print, tensorboard_dir: Optional[str] = None,
@@ -80,21 +80,20 @@ def train(config, *, party: str, tokens: np.ndarray, init_params: Any, ckpt_dir:
     from `init_params` when there is no checkpoint yet; FedAvg starts each round from the global
     student and teacher this way, with `state.step` the global step so schedules run across rounds.
     """
-    model_cfg = vit.ViTConfig.from_config(config.model)
     merge = site_params is not None
     mesh = step_lib.make_mesh()
     n_dev = mesh.devices.size
     batch = batches.batch_size_for(config.train.batch_size, len(tokens), n_dev)
     order = batches.BatchOrder(jax.random.fold_in(party_key(config.seed, party), 1), len(tokens), batch)
     sc = step_lib.StepConfig.from_config(config, tokens.shape[1], total_steps, order.steps_per_epoch, batch)
-    step_fn = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, sc, num_heads_out, merge, n_dev),
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(model, sc, num_heads_out, merge, n_dev),
                                       mesh, merge)
     state = (init_state if init_state is not None
-             else step_lib.init_state(init_params, num_heads_out, model_cfg.out_dim, sc))
-    monitor = CollapseMonitor(config.train, model_cfg.out_dim, sc.teacher_temp_warmup_steps)
+             else step_lib.init_state(init_params, num_heads_out, model.out_dim, sc))
+    monitor = CollapseMonitor(config.train, model.out_dim, sc.teacher_temp_warmup_steps)
     state = loop.run(config, party=party, step_fn=step_fn, state=state, arrays=(tokens,), order=order,
                      mesh=mesh, key=party_key(config.seed, party), total_steps=total_steps,
-                     ckpt_dir=ckpt_dir, meta=checkpoint_meta(model_cfg, party, num_heads_out, total_steps),
+                     ckpt_dir=ckpt_dir, meta=checkpoint_meta(model, party, num_heads_out, total_steps),
                      step_args=(site_params,) if merge else (), metrics_path=metrics_path,
                      tensorboard_dir=tensorboard_dir, log=log, stop_at=stop_at, on_log=monitor,
                      describe=f", {tokens.shape[1]} tokens each, views {sc.num_global}x{sc.size_global} + "
@@ -134,8 +133,7 @@ class CollapseMonitor:
                 "(config.train.collapse_min_entropy / collapse_max_entropy_frac / collapse_min_prototypes)")
 
 
-def init_student_params(config, num_heads_out: int = 1):
+def init_student_params(config, model: vit.ViTConfig, num_heads_out: int = 1):
     """The seeded initial student (what the server sends every site in the model-upload protocol)."""
-    model_cfg = vit.ViTConfig.from_config(config.model)
-    return jax.device_get(vit.init_student(model_cfg, party_key(config.seed, "init"), num_heads_out))
+    return jax.device_get(vit.init_student(model, party_key(config.seed, "init"), num_heads_out))
 

@@ -10,23 +10,22 @@ from msd_jax.evaluation.finetune import finetune_eval
 from msd_jax.models import vit
 
 
-def evaluate_backbone(config, head, body, data) -> dict:
+def evaluate_backbone(config, model: vit.ViTConfig, head, body, data) -> dict:
     """kNN + linear probe on the first feature kind of config.eval.features, fitted on the pooled
     labelled train split and scored on the test split: what parties.run_eval reports as "eval"."""
     ev = config.eval
     kind = parse_kinds(ev.features)[0]
-    model_cfg = vit.ViTConfig.from_config(config.model)
     kw = dict(mean=config.data.mean, std=config.data.std, batch_size=ev.batch_size)
     train_set, test_set = data.labelled_train, data.test
-    f_train = extract_features(head, body, model_cfg, train_set.images, **kw)[kind]
-    f_test = extract_features(head, body, model_cfg, test_set.images, **kw)[kind]
+    f_train = extract_features(head, body, model, train_set.images, **kw)[kind]
+    f_test = extract_features(head, body, model, test_set.images, **kw)[kind]
     return evaluate_with_config(config, f_train, train_set.labels, f_test, test_set.labels,
                                 len(test_set.class_names))
 
 
-def _finetune(config, head, body, train_set, test_set, log) -> dict:
+def _finetune(config, model: vit.ViTConfig, head, body, train_set, test_set, log) -> dict:
     c = config.compare
-    r = finetune_eval(config, head, body, train_set, test_set, steps=int(c.finetune_steps),
+    r = finetune_eval(config, model, head, body, train_set, test_set, steps=int(c.finetune_steps),
                       train_head=bool(c.finetune_train_head), seed=config.seed, log=log)
     return {"accuracy": float(r["accuracy"]), "auc": float(r["auc"])}
 
@@ -35,17 +34,17 @@ def _mean_metrics(results: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in results])) for k in ("accuracy", "auc")}
 
 
-def evaluate_row(config, backbones, data, log, *, finetune_sets=None) -> dict:
+def evaluate_row(config, model: vit.ViTConfig, backbones, data, log, *, finetune_sets=None) -> dict:
     """Probes and fine-tuning of one row. `backbones`: [(name, head, body)]; with several (local
     only) the row reports their mean and keeps each one. `finetune_sets`: per backbone, the labelled
     set its per-site fine-tuning uses (default: every site's set for every backbone)."""
     per = []
     for i, (name, head, body) in enumerate(backbones):
-        r = evaluate_backbone(config, head, body, data)
-        r["finetune"] = _finetune(config, head, body, data.labelled_train, data.test, log)
+        r = evaluate_backbone(config, model, head, body, data)
+        r["finetune"] = _finetune(config, model, head, body, data.labelled_train, data.test, log)
         if config.compare.finetune_per_site:
             sets = finetune_sets[i] if finetune_sets else data.sites
-            site_r = {s: _finetune(config, head, body, ds, data.test, log) for s, ds in sets}
+            site_r = {s: _finetune(config, model, head, body, ds, data.test, log) for s, ds in sets}
             r["finetune_per_site"] = {**_mean_metrics(list(site_r.values())), "sites": site_r}
         per.append({"name": name, **r})
     out = {k: _mean_metrics([p[k] for p in per]) for k in ("knn", "linear", "finetune")}

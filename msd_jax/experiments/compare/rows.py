@@ -13,6 +13,7 @@ import numpy as np
 
 from msd_jax import parties
 from msd_jax.encryption import encrypt
+from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.evaluation.metrics import accuracy, roc_auc
 from msd_jax.experiments.compare.evaluate import evaluate_row
 from msd_jax.experiments.compare.results import RESULT, write_json
@@ -23,63 +24,64 @@ from msd_jax.protocols import centralized, comm, fedavg, model_io, supervised
 from msd_jax.training import train
 
 
-def _head(config, wd):
-    """The head the sites apply (config.encrypt.mode): what a backbone is evaluated with."""
-    return encrypt.site_head(config, wd.root, train.party_key(config.seed, "head"))[0]
+def _head(config, model, mode, wd):
+    """The head the sites apply in `mode`: what a backbone is evaluated with."""
+    return encrypt.site_head(config, model, mode, wd.root, train.party_key(config.seed, "head"))[0]
 
 
 def _has_backbone(wd) -> bool:
     return os.path.isfile(os.path.join(wd.backbone, "backbone.json"))
 
 
-def _backbone(config, wd):
-    _, body, _ = model_io.load_backbone(wd.backbone, vit.ViTConfig.from_config(config.model))
-    return [("server", _head(config, wd), body)]
+def _backbone(config, model, mode, wd):
+    _, body, _ = model_io.load_backbone(wd.backbone, model)
+    return [("server", _head(config, model, mode, wd), body)]
 
 
-def _train_sites(config, wd, data, plan, log) -> None:
+def _train_sites(config, model, mode, wd, data, plan, log) -> None:
     """Model upload at every site that has not uploaded yet, each for its planned steps."""
     for name, _ in data.sites:
         if not os.path.isfile(os.path.join(wd.upload(name), model_io.META_FILE)):
-            parties.run_sites(config, wd, [name], site_steps=plan["steps"][name], log=log)
+            parties.run_sites(config, model, mode, wd, [name], site_steps=plan["steps"][name], log=log)
 
 
-def _run_token_upload(config, wd, data, plan, log):
+def _run_token_upload(config, model, mode, wd, data, plan, log):
     cfg = protocol_config(config, "token_upload")
-    parties.run_encrypt(cfg, wd, data, log=log)
+    parties.run_encrypt(cfg, model, mode, wd, data, log=log)
     if not _has_backbone(wd):
-        parties.run_server(cfg, wd, num_steps=plan["steps"]["server"], log=log)
-    return _backbone(cfg, wd), comm.token_upload_traffic(wd), {}
+        parties.run_server(cfg, model, mode, wd, num_steps=plan["steps"]["server"], log=log)
+    return _backbone(cfg, model, mode, wd), comm.token_upload_traffic(wd), {}
 
 
-def _run_model_upload(config, wd, data, plan, log):
+def _run_model_upload(config, model, mode, wd, data, plan, log):
     cfg = protocol_config(config, "model_upload")
-    parties.run_encrypt(cfg, wd, data, log=log)
-    _train_sites(cfg, wd, data, plan, log)
+    parties.run_encrypt(cfg, model, mode, wd, data, log=log)
+    _train_sites(cfg, model, mode, wd, data, plan, log)
     if not _has_backbone(wd):
-        parties.run_server(cfg, wd, num_steps=plan["steps"]["merge"], log=log)
-    return _backbone(cfg, wd), comm.model_upload_traffic(wd, cfg.merge.data), {}
+        parties.run_server(cfg, model, mode, wd, num_steps=plan["steps"]["merge"], log=log)
+    return _backbone(cfg, model, mode, wd), comm.model_upload_traffic(wd, cfg.merge.data), {}
 
 
-def _run_local_only(config, wd, data, plan, log):
+def _run_local_only(config, model, mode, wd, data, plan, log):
     # no merge, so no proxy set to encrypt
     cfg = protocol_config(config, "model_upload", merge_data="uploaded")
-    parties.run_encrypt(cfg, wd, data, log=log)
-    _train_sites(cfg, wd, data, plan, log)
-    head = _head(cfg, wd)
-    model_cfg = vit.ViTConfig.from_config(cfg.model)
-    template = train.init_student_params(cfg)
-    backbones = [(name, head, model_io.load_params(wd.upload(name), template, model_cfg)[0]["body"])
+    parties.run_encrypt(cfg, model, mode, wd, data, log=log)
+    _train_sites(cfg, model, mode, wd, data, plan, log)
+    head = _head(cfg, model, mode, wd)
+    template = train.init_student_params(cfg, model)
+    backbones = [(name, head, model_io.load_params(wd.upload(name), template, model)[0]["body"])
                  for name, _ in data.sites]
     return backbones, comm.local_only_traffic(wd), {"finetune_sets": [[(n, s)] for n, s in data.sites]}
 
 
-def _run_fedavg(config, wd, data, plan, log):
+def _run_fedavg(config, model, mode, wd, data, plan, log):
     # the sites encrypt their own images as in token upload, but the shards stay at the site
     cfg = protocol_config(config, "token_upload")
-    parties.run_encrypt(cfg, wd, data, log=log)
-    out = fedavg.run_fedavg(cfg, wd, rounds=plan["rounds"], local_steps=plan["local_steps"], log=log)
-    return ([("global", _head(cfg, wd), out["teacher"]["body"])], comm.fedavg_traffic(wd, out["traffic"]),
+    parties.run_encrypt(cfg, model, mode, wd, data, log=log)
+    out = fedavg.run_fedavg(cfg, model, mode, wd, rounds=plan["rounds"], local_steps=plan["local_steps"],
+                            log=log)
+    return ([("global", _head(cfg, model, mode, wd), out["teacher"]["body"])],
+            comm.fedavg_traffic(wd, out["traffic"]),
             {"fedavg_round_steps": out["round_steps"]})
 
 
@@ -93,24 +95,25 @@ def _pooled_raw(wd, data) -> str:
 
 
 def _centralized_runner(train_fn: Callable) -> Callable:
-    def run(config, wd, data, plan, log):
+    def run(config, model, mode, wd, data, plan, log):
         raw = _pooled_raw(wd, data)
-        out = train_fn(config, data.labelled_train.images, total_steps=plan["steps"]["server"],
+        out = train_fn(config, model, data.labelled_train.images, total_steps=plan["steps"]["server"],
                        ckpt_dir=wd.checkpoints("server"), metrics_path=wd.metrics("server"), log=log)
         return ([("server", out["head"], out["body"])], comm.raw_upload_traffic(raw, [n for n, _ in data.sites]),
                 {})
     return run
 
 
-def _run_no_pretraining(config, wd, data, plan, log):
-    return [("random_init", _head(config, wd), train.init_student_params(config)["body"])], [], {}
+def _run_no_pretraining(config, model, mode, wd, data, plan, log):
+    body = train.init_student_params(config, model)["body"]
+    return [("random_init", _head(config, model, mode, wd), body)], [], {}
 
 
-def _run_supervised(config, wd, data, plan, log):
+def _run_supervised(config, model, mode, wd, data, plan, log):
     raw = _pooled_raw(wd, data)
-    params = supervised.train_supervised(config, data.labelled_train, total_steps=plan["steps"]["server"],
-                                         log=log)
-    probs = np.asarray(supervised.predict_supervised(config, params, data.test.images))
+    params = supervised.train_supervised(config, model, data.labelled_train,
+                                         total_steps=plan["steps"]["server"], log=log)
+    probs = np.asarray(supervised.predict_supervised(config, model, params, data.test.images))
     own = {"accuracy": accuracy(probs, data.test.labels), "auc": roc_auc(probs, data.test.labels)}
     traffic = comm.raw_upload_traffic(raw, [n for n, _ in data.sites], labels=True,
                                       label_counts={n: len(s) for n, s in data.sites})
@@ -134,11 +137,15 @@ def run_row(config, row: str, run_dir: str, data, plan: dict, log=print) -> dict
     wd = Workdir(run_dir)
     os.makedirs(wd.root, exist_ok=True)
     t0 = time.perf_counter()
-    backbones, traffic, extra = RUNNERS[row](config, wd, data, plan[row], log)
+    # a row's parties run under copies of `config` that change only the protocol, so one model
+    # and one mode serve them all
+    model = vit.ViTConfig.from_config(config.model)
+    mode = EncryptionMode.parse(config.encrypt.mode)
+    backbones, traffic, extra = RUNNERS[row](config, model, mode, wd, data, plan[row], log)
     train_s = time.perf_counter() - t0
     finetune_sets = extra.pop("finetune_sets", None)
     t1 = time.perf_counter()
-    ev = evaluate_row(config, backbones, data, log, finetune_sets=finetune_sets)
+    ev = evaluate_row(config, model, backbones, data, log, finetune_sets=finetune_sets)
     if row == "supervised_scratch":
         # 'fine-tuning only': the supervised network is already fine-tuned; its own test predictions
         ev["finetune_of_backbone"] = ev["finetune"]

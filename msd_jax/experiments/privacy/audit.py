@@ -40,20 +40,20 @@ ATTACKS = ("known_head", "learned", "clustering")
 ATTACKER_KEY_TAG = 0xA77AC3
 
 
-def _mode_config(config, mode: str):
+def _mode_config(config, mode: modes_lib.EncryptionMode):
     c = copy.deepcopy(config)
     with c.unlocked():
         c.job = "pipeline"
-        c.encrypt.mode = mode
+        c.encrypt.mode = mode.name
     return c
 
 
-def _attack_set(cfg, wd: Workdir, data, model_cfg, limit: int):
+def _attack_set(cfg, model: vit.ViTConfig, mode: modes_lib.EncryptionMode, wd: Workdir, data, limit: int):
     """What the server received from the first `limit` site images, with the ground truth to score
     against: (tokens [N, k, D] float32, true positions [N, k], original images [N, H, W, C])."""
     e = cfg.encrypt
-    keep = modes_lib.upload_keep_ratio(e)
-    head, _ = encrypt.site_head(cfg, wd.root)
+    keep = mode.upload_keep_ratio(e)
+    head, _ = encrypt.site_head(cfg, model, mode, wd.root)
     toks, poss, imgs = [], [], []
     left = limit
     for name, site in data.sites:
@@ -63,10 +63,10 @@ def _attack_set(cfg, wd: Workdir, data, model_cfg, limit: int):
         stored, manifest = shards.load_shards(wd.shards(name))
         got = np.asarray(stored[:m], np.float32)
         pos = encrypt.token_positions(encrypt.site_key(e.key_source, cfg.seed, name), m,
-                                      model_cfg.num_patches, keep)
+                                      model.num_patches, keep)
         # the ground truth must describe these very tokens: recompute two images' tokens from the
         # site's head and the positions, in the shard dtype, and compare
-        plain = np.asarray(encrypt.plain_tokens(head, model_cfg, site.images[:2], cfg.data.mean, cfg.data.std))
+        plain = np.asarray(encrypt.plain_tokens(head, model, site.images[:2], cfg.data.mean, cfg.data.std))
         want = np.take_along_axis(plain, pos[:2, :, None], axis=1)
         want = np.asarray(want.astype(shards.DTYPES[manifest["dtype"]]), np.float32)
         if not np.array_equal(want, got[:2]):
@@ -79,18 +79,18 @@ def _attack_set(cfg, wd: Workdir, data, model_cfg, limit: int):
     return np.concatenate(toks), np.concatenate(poss), np.concatenate(imgs)
 
 
-def _attacker_heads(cfg, wd: Workdir, model_cfg, mode: str):
+def _attacker_heads(cfg, model: vit.ViTConfig, mode: modes_lib.EncryptionMode, wd: Workdir):
     """(the head the known-head attacker uses, its description, the attacker's transform for the
     learned attack)."""
     public_key = train.party_key(cfg.seed, "head")
     if os.path.isfile(os.path.join(wd.head, encrypt.HEAD_FILE)):
-        public, _ = encrypt.load_head(wd.head, model_cfg)
+        public, _ = encrypt.load_head(wd.head, model)
         what = "the public head (head/head.msgpack)"
     else:
-        public = jax.device_get(vit.init_head(model_cfg, public_key))
+        public = jax.device_get(vit.init_head(model, public_key))
         what = "a guess: the head the server would publish (the sites' head is secret)"
     attacker_key = jax.random.fold_in(jax.random.key(cfg.seed), ATTACKER_KEY_TAG)
-    own = encrypt.transform_head(mode, model_cfg, public, attacker_key)
+    own = encrypt.transform_head(mode, model, public, attacker_key)
     return public, what, own
 
 
@@ -109,33 +109,32 @@ def _reusable_report(cfg, wd: Workdir):
     return report if _canon(json.loads(_canon(mine))) == _canon(theirs) else None
 
 
-def attack_mode(cfg, wd: Workdir, data, public_images: np.ndarray, log=print) -> tuple[dict, dict]:
-    """Runs every attack on one mode's shards. Returns ({attack: numbers}, {attack: images})."""
+def attack_mode(cfg, model: vit.ViTConfig, mode: modes_lib.EncryptionMode, wd: Workdir, data,
+                public_images: np.ndarray, log=print) -> tuple[dict, dict]:
+    """Runs every attack on `mode`'s shards. Returns ({attack: numbers}, {attack: images})."""
     a = cfg.audit
-    mode = modes_lib.canonical(cfg.encrypt.mode)
-    model_cfg = vit.ViTConfig.from_config(cfg.model)
-    tokens, positions, originals = _attack_set(cfg, wd, data, model_cfg, a.attack_images)
-    p, mean, std = model_cfg.patch_size, cfg.data.mean, cfg.data.std
-    public, what, own = _attacker_heads(cfg, wd, model_cfg, mode)
+    tokens, positions, originals = _attack_set(cfg, model, mode, wd, data, a.attack_images)
+    p, mean, std = model.patch_size, cfg.data.mean, cfg.data.std
+    public, what, own = _attacker_heads(cfg, model, mode, wd)
     out, recon = {}, {}
     t0 = time.perf_counter()
     r = attacks.known_head_attack(tokens, public, public_images, patch_size=p, mean=mean, std=std,
                                   ridge=a.ridge, noise_var=a.noise_var)
-    out["known_head"] = {**attacks.score(r, positions, originals, model_cfg.num_patches),
+    out["known_head"] = {**attacks.score(r, positions, originals, model.num_patches),
                          "attacker_head": what}
     recon["known_head"] = r.images
-    own_tokens = np.asarray(encrypt.plain_tokens(own, model_cfg, public_images, mean, std))
+    own_tokens = np.asarray(encrypt.plain_tokens(own, model, public_images, mean, std))
     r = attacks.learned_attack(tokens, own_tokens, public_images, patch_size=p, mean=mean, std=std,
                                ridge=a.ridge)
-    out["learned"] = {**attacks.score(r, positions, originals, model_cfg.num_patches),
+    out["learned"] = {**attacks.score(r, positions, originals, model.num_patches),
                       "attacker_data": f"{len(public_images)} look-alike images encrypted with the "
                                        "mode's transform under the attacker's key"}
     recon["learned"] = r.images
-    r = attacks.cluster_attack(tokens, positions, num_patches=model_cfg.num_patches,
-                               patch_dim=model_cfg.patch_dim,
+    r = attacks.cluster_attack(tokens, positions, num_patches=model.num_patches,
+                               patch_dim=model.patch_dim,
                                key=jax.random.fold_in(jax.random.key(cfg.seed), 0xC1057), iters=a.kmeans_iters)
-    out["clustering"] = attacks.score(r, positions, originals, model_cfg.num_patches)
-    log(f"[audit] {mode}: attacks on {len(tokens)} images x {tokens.shape[1]} tokens in "
+    out["clustering"] = attacks.score(r, positions, originals, model.num_patches)
+    log(f"[audit] {mode.name}: attacks on {len(tokens)} images x {tokens.shape[1]} tokens in "
         f"{time.perf_counter() - t0:.1f}s: " + ", ".join(
             f"{k} pos {v['position_accuracy']:.3f}" + (f" psnr {v['psnr_db']:.1f}" if v['psnr_db'] is not None else "")
             for k, v in out.items()))
@@ -224,9 +223,10 @@ def run_audit(config, workdir: str, log=print) -> dict:
     if "audit" not in config:
         raise ValueError("config.audit: missing (start the config from msd_jax.config.base_config())")
     a = config.audit
-    modes = [modes_lib.canonical(m.strip()) for m in a.modes.split(",") if m.strip()]
-    if "paper" not in modes:
-        raise ValueError(f"config.audit.modes: expected 'paper' among {modes} (the reference for "
+    modes = [modes_lib.EncryptionMode.parse(m.strip()) for m in a.modes.split(",") if m.strip()]
+    names = [m.name for m in modes]
+    if modes_lib.PAPER not in names:
+        raise ValueError(f"config.audit.modes: expected 'paper' among {names} (the reference for "
                          "the downstream cost)")
     if config.encrypt.key_source != "seed":
         raise ValueError("config.encrypt.key_source: the audit needs 'seed' (it recomputes every "
@@ -237,31 +237,32 @@ def run_audit(config, workdir: str, log=print) -> dict:
         raise ValueError("config.data.proxy_fraction: the audit's attacker needs a look-alike set "
                          "(the server's proxy split); expected > 0")
     public = data.proxy.images[:a.public_images] if a.public_images else data.proxy.images
+    model = vit.ViTConfig.from_config(config.model)  # the same model in every mode
     results, figures = {}, {}
     baseline = None
     for mode in modes:
         cfg = _mode_config(config, mode)
-        wd = Workdir(os.path.join(workdir, "modes", mode))
-        log(f"[audit] === mode {mode} ===")
+        wd = Workdir(os.path.join(workdir, "modes", mode.name))
+        log(f"[audit] === mode {mode.name} ===")
         t0 = time.perf_counter()
         report = _reusable_report(cfg, wd) if a.reuse else None
         if report is None:
-            parties.run_encrypt(cfg, wd, data, log=log)
+            parties.run_encrypt(cfg, model, mode, wd, data, log=log)
             if cfg.protocol == "model_upload":
-                parties.run_sites(cfg, wd, wd.uploaded_sites(), log=log)
-            parties.run_server(cfg, wd, log=log)
-            report = parties.run_eval(cfg, wd, data, log=log)
+                parties.run_sites(cfg, model, mode, wd, wd.uploaded_sites(), log=log)
+            parties.run_server(cfg, model, mode, wd, log=log)
+            report = parties.run_eval(cfg, model, mode, wd, data, log=log)
         else:
-            log(f"[audit] {mode}: reusing {wd.report} (same config; config.audit.reuse=True)")
+            log(f"[audit] {mode.name}: reusing {wd.report} (same config; config.audit.reuse=True)")
         t_pipe = time.perf_counter() - t0
-        att, imgs = attack_mode(cfg, wd, data, public, log=log)
+        att, imgs = attack_mode(cfg, model, mode, wd, data, public, log=log)
         if baseline is None:
             baseline = attacks.mean_image_baseline(imgs["originals"], public)
             figures["original"] = imgs["originals"][:a.num_figure_images]
         with_images = [k for k in att if att[k]["psnr_db"] is not None]
         best = max(with_images, key=lambda k: att[k]["psnr_db"])
-        figures[mode] = imgs[best][:a.num_figure_images]
-        results[mode] = {
+        figures[mode.name] = imgs[best][:a.num_figure_images]
+        results[mode.name] = {
             "linear_accuracy": float(report["eval"]["linear"]["accuracy"]),
             "knn_accuracy": float(report["eval"]["knn"]["accuracy"]),
             "linear_auc": float(report["eval"]["linear"]["auc"]),
@@ -274,7 +275,6 @@ def run_audit(config, workdir: str, log=print) -> dict:
     rec, note, failures = recommend(results, baseline["psnr_db"], a)
     for m in results:
         results[m]["rule_failures"] = failures[m]
-    model_cfg = vit.ViTConfig.from_config(config.model)
     out = {
         "modes": results,
         "recommended": rec,
@@ -285,8 +285,8 @@ def run_audit(config, workdir: str, log=print) -> dict:
                  "max_accuracy_drop": a.max_accuracy_drop, "reference": "paper"},
         "attacked_images": int(min(a.attack_images, sum(len(s) for _, s in data.sites))),
         "public_images": int(len(public)),
-        "num_patches": model_cfg.num_patches, "patch_dim": model_cfg.patch_dim,
-        "embed_dim": model_cfg.embed_dim,
+        "num_patches": model.num_patches, "patch_dim": model.patch_dim,
+        "embed_dim": model.embed_dim,
         "protocol": config.protocol,
         "config": config.to_dict(),
     }
