@@ -5,7 +5,6 @@ References are independent of the code under test: budgets recomputed from the c
 the plan's own steps, hand-computed splits, numpy means, and file sizes read with os.stat.
 """
 import copy
-import importlib.util
 import json
 import os
 
@@ -18,17 +17,14 @@ from msd_jax.experiments.compare import budget, command, report, settings
 from msd_jax.experiments.compare import rows as compare_rows
 from msd_jax.layout import Workdir
 from msd_jax.training import train as train_lib
+import conftest
 from conftest import mode_of, model_of
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def load_config(arg=None):
-    spec = importlib.util.spec_from_file_location("compare_config_for_tests",
-                                                  os.path.join(REPO, "configs", "compare.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return conftest.load_config("compare", arg)
 
 
 def views_of(plan_row, V_pretrain, one_view=False):

@@ -3,7 +3,6 @@
 A tiny model (16 tokens of 16 dims, one block, no local views) keeps each compile to seconds;
 the runs every test needs are made once per module.
 """
-import importlib.util
 import json
 import math
 import os
@@ -18,20 +17,14 @@ from msd_jax.training import train
 from msd_jax.training.batches import BatchOrder, batch_size_for
 from msd_jax.training.checkpoints import CheckpointMismatchError
 from msd_jax.training.metrics import TrainingDivergedError
-from conftest import model_of
+from conftest import model_of, tiny_demo_config
 
 N, T, D = 10, 16, 16
 TOTAL, EVERY, STOP = 6, 2, 2   # batch 4 of 10 -> 2 steps/epoch: the run spans 3 epochs
 
 
 def make_config(**overrides):
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_config_for_train_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("quick")
-    c.model.update(image_size=16, patch_size=4, embed_dim=D, num_heads=2, out_dim=32,
-                   head_hidden_dim=16, head_bottleneck_dim=8)
+    c = tiny_demo_config(embed_dim=D)
     c.msd.num_local = 0
     c.train.update(batch_size=4, log_every=EVERY, checkpoint_every=EVERY, keep_checkpoints=3)
     for k, v in overrides.items():
