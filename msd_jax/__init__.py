@@ -2,7 +2,8 @@
 
 The packages follow the data flow, and a module imports only from its own stage or earlier ones:
 
-  layout.py      where each party reads and writes inside a work directory (no msd_jax imports)
+  trust.py       the one error of untrusted input, paths kept inside their folder, value checks
+  layout.py      where each party reads and writes inside a work directory; site names as paths
   data/          images: Br35H and image folders, site partitions, pixel augmentations
   models/        the ViT: head (patch + position embedding), body, DINO head; bf16 matmuls
   encryption/    the site transform: head, permutation, modes, shards + manifests, verification

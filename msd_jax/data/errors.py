@@ -6,9 +6,11 @@ was expected, so that a user can fix the data without reading the code.
 
 from __future__ import annotations
 
+from msd_jax.trust import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """Bad input data: missing/empty folders, undecodable images, inconsistent classes, ...
 
-    Subclass of ``ValueError`` so callers that already catch ``ValueError`` keep working.
+    An InputError, so a ``ValueError`` handler still catches it.
     """

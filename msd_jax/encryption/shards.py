@@ -15,12 +15,14 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
+from msd_jax.trust import InputError
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard or manifest that cannot be trusted or read."""
 
 

@@ -23,12 +23,13 @@ import sys
 from typing import Optional
 
 from msd_jax.encryption import shards
+from msd_jax.trust import InputError
 
 HEAD_META = "head.json"  # msd_jax.encryption.encrypt.HEAD_META (not imported: keeps this command free of jax)
 TRANSFORM_META = "transform.json"  # msd_jax.encryption.encrypt.TRANSFORM_META (secret modes)
 
 
-class VerifyError(ValueError):
+class VerifyError(InputError):
     pass
 
 

@@ -94,7 +94,7 @@ def run_fedavg(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, 
     fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     sites = wd.uploaded_sites()
     if not sites:
-        raise FileNotFoundError(f"{wd.shards('')}: no site shards (run parties.run_encrypt first)")
+        raise FileNotFoundError(f"{wd.shards_root}: no site shards (run parties.run_encrypt first)")
     tokens = {s: shards.load_shards(wd.shards(s), expected_fingerprint=fingerprint)[0] for s in sites}
     sizes = [len(tokens[s]) for s in sites]
     total = offsets[-1]

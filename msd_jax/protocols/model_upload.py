@@ -79,7 +79,7 @@ def merge(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=p
     fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     sites = wd.uploaded_models()
     if not sites:
-        raise FileNotFoundError(f"{wd.upload('')}: no site models uploaded (run --mode site at the sites)")
+        raise FileNotFoundError(f"{wd.uploads_root}: no site models uploaded (run --mode site at the sites)")
     template = train.init_student_params(config, model)
     site_params = [model_io.load_params(wd.upload(s), template, model)[0] for s in sites]
     tokens = distillation_tokens(config, wd, fingerprint)

@@ -13,12 +13,12 @@ from msd_jax.models import vit
 def load_uploaded_tokens(wd: Workdir, fingerprint: str, sites: list[str]) -> np.ndarray:
     """Verified tokens of every site, concatenated (ids are positions in this union)."""
     if not sites:
-        raise FileNotFoundError(f"{wd.shards('')}: no site shards found (run --mode encrypt at the sites "
+        raise FileNotFoundError(f"{wd.shards_root}: no site shards found (run --mode encrypt at the sites "
                                 "and copy each shards/<site>/ folder here)")
     parts = [shards.load_shards(wd.shards(s), expected_fingerprint=fingerprint)[0] for s in sites]
     shapes = {p.shape[1:] for p in parts}
     if len(shapes) > 1:
-        raise shards.ShardError(f"{wd.shards('')}: sites uploaded tokens of different shapes {shapes} "
+        raise shards.ShardError(f"{wd.shards_root}: sites uploaded tokens of different shapes {shapes} "
                                 "(config.encrypt.keep_ratio must be the same at every site)")
     return np.concatenate(parts)
 

@@ -9,9 +9,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from msd_jax.models import vit
+from msd_jax.trust import InputError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     pass
 
 

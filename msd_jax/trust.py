@@ -1,0 +1,61 @@
+"""What one party reads that another party wrote (a site's shards and manifest, its uploaded model,
+the server's head, a checkpoint or a backbone on disk) is untrusted: a careless or hostile sender
+can put anything there. This module holds the one error every such load raises, the rule that keeps
+a path read from a file inside its folder, and the check of the numbers before training on them.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# float16's largest finite value: every storage dtype of a shard holds it, and no patch embedding of
+# normalised pixels nor any trained weight comes near it, while anything above it overflows bf16
+# matmuls and float32 variances within a step.
+MAX_ABS_VALUE = 65504.0
+
+
+class InputError(ValueError):
+    """Input that cannot be read or trusted. The message names the file, the field and what was
+    expected, so that the sender can fix it without reading the code."""
+
+
+def inside(folder: str, name: str, what: str) -> str:
+    """The path of `name` (a relative path read from a file, e.g. a manifest's shard entry) inside
+    `folder`, after resolving every symlink; raises InputError when it is absolute or leads out of
+    `folder`."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise InputError(f"{what}: expected a file name inside {folder}, got {name!r}")
+    if os.path.isabs(name):
+        raise InputError(f"{what}: {name!r} is an absolute path; expected a file name inside {folder}")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise InputError(f"{what}: {name!r} resolves to {path}, outside {root} (a path or symlink "
+                         "out of the folder it was sent in is refused)")
+    return path
+
+
+def within(root: str, path: str, what: str) -> str:
+    """`path` with its symlinks resolved, which must stay inside `root` (the work directory)."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise InputError(f"{path}: {what} resolves to {real}, outside the work directory {real_root} "
+                         "(a symlink out of the work directory is refused)")
+    return real
+
+
+def check_values(arr: np.ndarray, where: str, max_abs: float = MAX_ABS_VALUE) -> None:
+    """Raises InputError unless every value of `arr` is finite with |x| <= max_abs."""
+    a = np.asarray(arr)
+    if a.size == 0 or a.dtype.kind in "iub":
+        return
+    values = a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)  # bf16, f16
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(a.size - np.count_nonzero(finite))
+        raise InputError(f"{where}: {bad} of {a.size} values are NaN or infinite (expected finite numbers)")
+    peak = float(np.max(np.abs(values)))
+    if peak > max_abs:
+        raise InputError(f"{where}: values up to {peak:.3g} in magnitude, expected |x| <= {max_abs:g} "
+                         "(not the output of a model on normalised images)")
