@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from msd_jax.trust import InputError
 from msd_jax.protocols import model_io
 from msd_jax.models import vit
 from msd_jax.encryption import modes as modes_lib
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.format, args.out, mean=args.mean, std=args.std)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

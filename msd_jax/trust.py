@@ -5,14 +5,15 @@ a path read from a file inside its folder, and the check of the numbers before t
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
-# float16's largest finite value: every storage dtype of a shard holds it, and no patch embedding of
-# normalised pixels nor any trained weight comes near it, while anything above it overflows bf16
-# matmuls and float32 variances within a step.
-MAX_ABS_VALUE = 65504.0
+# Far above any patch embedding of normalised pixels (|x| ~ 10) or any trained weight, far below
+# overflow: squares in LayerNorm variances and bf16 dot products of a few thousand such terms stay
+# finite. What lies beyond it (3e38, 1e30) is an attack or a broken sender, never a model output.
+MAX_ABS_VALUE = 1e4
 
 
 class InputError(ValueError):
@@ -59,3 +60,24 @@ def check_values(arr: np.ndarray, where: str, max_abs: float = MAX_ABS_VALUE) ->
     if peak > max_abs:
         raise InputError(f"{where}: values up to {peak:.3g} in magnitude, expected |x| <= {max_abs:g} "
                          "(not the output of a model on normalised images)")
+
+
+MAX_JSON_BYTES = 1 << 24  # descriptions and manifests list files and fields, never data
+
+
+def read_json(path: str, what: str = "a JSON object") -> dict:
+    """The JSON object in `path`; InputError naming the file when it is missing, too large, not
+    UTF-8 JSON or not an object. `what` says what the file should be."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not found (expected {what})")
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        raise InputError(f"{path}: {size} bytes, expected {what} of at most {MAX_JSON_BYTES} bytes")
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({type(e).__name__}: {e}); expected {what}") from e
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: a JSON {type(value).__name__}, expected {what}")
+    return value

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from msd_jax.trust import InputError
 from msd_jax.encryption import encrypt, shards
 from msd_jax.data.sites import FederatedData
 from msd_jax.data.sources import ImageSet
@@ -301,7 +302,7 @@ def test_load_head_flipped_byte(tmp_path, head):
 
 
 def test_load_head_missing(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(InputError) as e:
         encrypt.load_head(str(tmp_path / "nohead"), CFG)
     assert str(tmp_path / "nohead") in str(e.value)
 

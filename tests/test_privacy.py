@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from msd_jax.trust import InputError
 from msd_jax.encryption import encrypt, shards
 from msd_jax.data.sites import FederatedData
 from msd_jax.data.sources import ImageSet
@@ -365,7 +366,7 @@ def test_server_rejects_a_mode_mismatch(tmp_path):
         encrypt.expected_fingerprint(mode_of(c), head_dir, cfg)
     c.encrypt.mode = "secret_head"
     assert encrypt.expected_fingerprint(mode_of(c), head_dir, cfg) == "ab" * 32
-    with pytest.raises(FileNotFoundError, match="transform.json"):
+    with pytest.raises(InputError, match="transform.json"):
         encrypt.expected_fingerprint(mode_of(c), str(tmp_path / "none"), cfg)
 
 

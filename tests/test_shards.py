@@ -22,7 +22,7 @@ def _tokens(n=10, t=5, d=8, seed=0):
     x = rng.normal(0.0, 3.0, size=(n, t, d)).astype(np.float32)
     # A few values that exercise rounding: exact ties, signed zeros, tiny and large magnitudes.
     x[0, 0, :8] = [0.0, -0.0, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -(1.0 + 2.0 ** -8),
-                   1e-30, 3.0e38, 65504.0]
+                   1e-30, 9.0e3, -9.9e3]  # within trust.MAX_ABS_VALUE
     return x
 
 
@@ -59,7 +59,7 @@ def test_bf16_round_trip_matches_independent_rounding(tmp_path):
     raw = np.load(out / manifest["shards"][0]["file"])
     assert raw.dtype == np.uint16
     np.testing.assert_array_equal(raw, expected_bits)
-    # And the values are close to the input (relative error of bf16 <= 2^-8), except overflow.
+    # And the values are close to the input (relative error of bf16 <= 2^-8).
     finite = np.isfinite(got.astype(np.float32))
     rel = np.abs(got.astype(np.float32)[finite] - x[finite]) / np.maximum(np.abs(x[finite]), 1e-30)
     assert rel.max() <= 2.0 ** -8
@@ -67,7 +67,6 @@ def test_bf16_round_trip_matches_independent_rounding(tmp_path):
 
 def test_float16_round_trip(tmp_path):
     x = _tokens()
-    x[0, 0, 6] = 1.5  # replaces 3e38: keep every value inside float16 range
     write_shards(str(tmp_path / "s"), "s", x, dtype="float16", head_fingerprint=FP)
     got, manifest = load_shards(str(tmp_path / "s"))
     assert got.dtype == np.float16 and manifest["dtype"] == "float16"
@@ -82,7 +81,6 @@ def test_float32_round_trip_is_exact(tmp_path):
     assert got.tobytes() == x.tobytes()
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize("dtype,itemsize", [("bfloat16", 2), ("float16", 2), ("float32", 4)])
 def test_manifest_fields_and_several_shards(tmp_path, dtype, itemsize):
     n, t, d = 10, 5, 8

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from msd_jax.data import partition as partition_lib
+from msd_jax.layout import check_site_name
 from msd_jax.data import sources
 
 
@@ -47,7 +48,12 @@ def load(config) -> FederatedData:
         sites = [(f"site{i}", rest.subset(idx)) for i, idx in enumerate(parts)]
         return FederatedData(sites, test, proxy)
     dirs = _split_names(d.site_dirs)
-    names = _split_names(d.site_names) or [os.path.basename(os.path.normpath(x)) for x in dirs]
+    if _split_names(d.site_names):
+        names = [check_site_name(n, "config.data.site_names") for n in _split_names(d.site_names)]
+    else:
+        names = [check_site_name(os.path.basename(os.path.abspath(x)),
+                                 f"config.data.site_dirs: the name of folder {x!r} (set config.data.site_names)")
+                 for x in dirs]
     if len(names) != len(dirs):
         raise ValueError(f"config.data.site_names: {len(names)} names for {len(dirs)} site_dirs")
     if len(set(names)) != len(names):

@@ -18,12 +18,12 @@ import json
 import os
 import zlib
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msd_jax.models import vit
+from msd_jax import trust
+from msd_jax.models import params_file, vit
 from msd_jax.encryption import modes as modes_lib
 
 TRANSFORM_META = "transform.json"  # secret modes: what the sites tell the server (no parameters)
@@ -45,15 +45,9 @@ def head_fingerprint(cfg: vit.ViTConfig, head_params) -> str:
 
 
 def save_head(head_dir: str, cfg: vit.ViTConfig, head_params) -> str:
-    os.makedirs(head_dir, exist_ok=True)
     fp = head_fingerprint(cfg, head_params)
-    data = flax.serialization.to_bytes(jax.device_get(head_params))
-    tmp = os.path.join(head_dir, HEAD_FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(head_dir, HEAD_FILE))
-    with open(os.path.join(head_dir, HEAD_META), "w") as f:
-        json.dump({"fingerprint": fp, **{k: getattr(cfg, k) for k in HEAD_FIELDS}}, f, indent=1)
+    params_file.save(head_dir, HEAD_FILE, head_params, HEAD_META,
+                     {"fingerprint": fp, **{k: getattr(cfg, k) for k in HEAD_FIELDS}})
     return fp
 
 
@@ -61,20 +55,18 @@ def load_head(head_dir: str, cfg: vit.ViTConfig):
     """Loads the distributed head; checks it fits the config's model and its fingerprint."""
     meta_path = os.path.join(head_dir, HEAD_META)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{meta_path}: no head here (the server writes it in --mode encrypt "
-                                "or all; copy the head/ folder to every site)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+        raise trust.InputError(f"{meta_path}: no head here (the server writes it in --mode encrypt "
+                               "or all; copy the head/ folder to every site)")
+    meta = trust.read_json(meta_path, "the head's description (fingerprint and shape fields)")
     for k in HEAD_FIELDS:
         if meta.get(k) != getattr(cfg, k):
-            raise ValueError(f"{meta_path}: field {k!r} is {meta.get(k)!r} but config.model.{k} is "
-                             f"{getattr(cfg, k)!r}: this head belongs to another model")
+            raise trust.InputError(f"{meta_path}: field {k!r} is {meta.get(k)!r} but config.model.{k} is "
+                                   f"{getattr(cfg, k)!r}: this head belongs to another model")
     template = jax.device_get(vit.init_head(cfg, jax.random.key(0)))
-    with open(os.path.join(head_dir, HEAD_FILE), "rb") as f:
-        params = flax.serialization.from_bytes(template, f.read())
-    if head_fingerprint(cfg, params) != meta["fingerprint"]:
-        raise ValueError(f"{os.path.join(head_dir, HEAD_FILE)}: parameters do not match the fingerprint "
-                         f"in {meta_path} (file corrupted or replaced)")
+    params = params_file.load(os.path.join(head_dir, HEAD_FILE), template)
+    if head_fingerprint(cfg, params) != meta.get("fingerprint"):
+        raise trust.InputError(f"{os.path.join(head_dir, HEAD_FILE)}: parameters do not match the "
+                               f"fingerprint in {meta_path} (file corrupted or replaced)")
     return params, meta["fingerprint"]
 
 
@@ -114,6 +106,12 @@ def keep_count(keep_ratio: float, num_patches: int) -> int:
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"config.encrypt.keep_ratio: expected a fraction in (0, 1], got {keep_ratio}")
     return max(1, int(round(keep_ratio * num_patches)))
+
+
+def token_shape(encrypt_cfg, cfg: vit.ViTConfig, mode: modes_lib.EncryptionMode) -> tuple[int, int]:
+    """(tokens per image, embed dim) of what a site uploads in `mode`: the shape every manifest
+    must declare."""
+    return keep_count(mode.upload_keep_ratio(encrypt_cfg), cfg.num_patches), cfg.embed_dim
 
 
 def token_positions(key: jax.Array, num_images: int, num_patches: int, keep_ratio: float = 1.0,
@@ -273,23 +271,24 @@ def expected_fingerprint(mode: modes_lib.EncryptionMode, head_dir: str, cfg: vit
     path = os.path.join(head_dir, TRANSFORM_META)
     if not mode.secret_transform:
         if os.path.isfile(path):
-            with open(path) as f:
-                got = json.load(f).get("mode")
-            raise ValueError(f"{path}: field 'mode' is {got!r}, but config.encrypt.mode is {mode.name!r} "
+            got = trust.read_json(path, "the sites' transform note").get("mode")
+            raise trust.InputError(f"{path}: field 'mode' is {got!r}, but config.encrypt.mode is {mode.name!r} "
                              "(the sites encrypted with a secret transform; use their mode)")
         return load_head(head_dir, cfg)[1]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no transform fingerprint here (config.encrypt.mode={mode.name!r} "
+        raise trust.InputError(f"{path}: no transform fingerprint here (config.encrypt.mode={mode.name!r} "
                                 "is a secret mode: the sites write it in --mode encrypt)")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = trust.read_json(path, "the sites' transform note (mode, fingerprint, head fields)")
     if meta.get("mode") != mode.name:
-        raise ValueError(f"{path}: field 'mode' is {meta.get('mode')!r}, but config.encrypt.mode is "
+        raise trust.InputError(f"{path}: field 'mode' is {meta.get('mode')!r}, but config.encrypt.mode is "
                          f"{mode.name!r}")
     for k in HEAD_FIELDS:
         if meta.get(k) != getattr(cfg, k):
-            raise ValueError(f"{path}: field {k!r} is {meta.get(k)!r} but config.model.{k} is "
+            raise trust.InputError(f"{path}: field {k!r} is {meta.get(k)!r} but config.model.{k} is "
                              f"{getattr(cfg, k)!r}")
+    if not isinstance(meta.get("fingerprint"), str):
+        raise trust.InputError(f"{path}: field 'fingerprint' is {meta.get('fingerprint')!r}, expected "
+                               "the 64 hex digits of the transform's SHA-256")
     return meta["fingerprint"]
 
 

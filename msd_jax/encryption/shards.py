@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Optional
@@ -15,9 +16,12 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
+from msd_jax import trust
 from msd_jax.trust import InputError
 
 MANIFEST = "manifest.json"
+SHARD_FILE = "tokens-{:05d}.npy"
+SHARD_NAME = re.compile(r"tokens-\d{5,}\.npy")
 FORMAT_VERSION = 1
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -57,7 +61,7 @@ def write_shards(out_dir: str, site: str, tokens: np.ndarray, *, dtype: str, hea
     try:
         files = []
         for i, start in enumerate(range(0, len(tokens), shard_size)):
-            name = f"tokens-{i:05d}.npy"
+            name = SHARD_FILE.format(i)
             path = os.path.join(tmp, name)
             chunk = _to_storage(tokens[start:start + shard_size], dtype)
             np.save(path, chunk, allow_pickle=False)
@@ -76,8 +80,7 @@ def write_shards(out_dir: str, site: str, tokens: np.ndarray, *, dtype: str, hea
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
+        remove_own_shards(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -85,61 +88,156 @@ def write_shards(out_dir: str, site: str, tokens: np.ndarray, *, dtype: str, hea
     return manifest
 
 
+def _field(path: str, manifest: dict, name: str, kind, minimum=None):
+    """manifest[name], which must be of `kind` (an int field never a bool) and >= minimum."""
+    value = manifest.get(name)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if not ok:
+        what = {int: "an integer", str: "a string", list: "a list"}[kind]
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ShardError(f"{path}: field {name!r} is {value!r}, expected {what}{bound}")
+    return value
+
+
+def remove_own_shards(out_dir: str) -> None:
+    """Deletes a shard folder this tool wrote (a manifest and tokens-NNNNN.npy files, nothing else);
+    refuses, deleting nothing, a symlink or a folder holding anything else."""
+    if not os.path.lexists(out_dir):
+        return
+    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+        raise ShardError(f"{out_dir}: exists and is not a shard folder this tool wrote (a symlink or a "
+                         "file); it is left untouched: move it away or choose another site name")
+    entries = os.listdir(out_dir)
+    foreign = [e for e in entries if not (e == MANIFEST or SHARD_NAME.fullmatch(e))
+               or os.path.islink(os.path.join(out_dir, e)) or not os.path.isfile(os.path.join(out_dir, e))]
+    if foreign:
+        raise ShardError(f"{out_dir}: holds {sorted(foreign)[:5]}, which this tool did not write; the "
+                         "folder is left untouched: move them away or choose another site name")
+    for e in entries:
+        os.remove(os.path.join(out_dir, e))
+    os.rmdir(out_dir)
+
+
 def read_manifest(shard_dir: str) -> dict:
+    """The manifest of a site's shard folder, every field checked for presence and type."""
     path = os.path.join(shard_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise ShardError(f"{path}: manifest not found (expected the output of --mode encrypt)")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from e
+        manifest = trust.read_json(path, "the manifest --mode encrypt writes, an object with the fields "
+                                   "site, num_images, tokens_per_image, embed_dim, dtype, head_fingerprint, "
+                                   "shards")
+    except trust.InputError as e:
+        raise ShardError(str(e)) from None
     for field in ("site", "num_images", "tokens_per_image", "embed_dim", "dtype", "head_fingerprint",
                   "shards"):
         if field not in manifest:
             raise ShardError(f"{path}: field {field!r} missing")
+    _field(path, manifest, "site", str)
+    _field(path, manifest, "head_fingerprint", str)
+    for field in ("num_images", "tokens_per_image", "embed_dim"):
+        _field(path, manifest, field, int, 1)
     if manifest["dtype"] not in DTYPES:
         raise ShardError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected one of {sorted(DTYPES)}")
     if not isinstance(manifest["shards"], list) or not manifest["shards"]:
-        raise ShardError(f"{path}: field 'shards' is empty, expected a list of shard entries")
+        raise ShardError(f"{path}: field 'shards' is {manifest['shards']!r}, expected a non-empty list "
+                         "of shard entries")
     for i, entry in enumerate(manifest["shards"]):
+        where = f"{path}: shards[{i}]"
+        if not isinstance(entry, dict):
+            raise ShardError(f"{where} is {entry!r}, expected an object with file, num_images, sha256, bytes")
         missing = [k for k in ("file", "num_images", "sha256", "bytes") if k not in entry]
         if missing:
-            raise ShardError(f"{path}: shards[{i}] lacks field(s) {missing}")
+            raise ShardError(f"{where} lacks field(s) {missing}")
+        _field(where, entry, "file", str)
+        _field(where, entry, "num_images", int, 1)
+        _field(where, entry, "bytes", int, 0)
+        if not isinstance(entry["sha256"], str) or len(entry["sha256"]) != 64:
+            raise ShardError(f"{where}: field 'sha256' is {entry['sha256']!r}, expected 64 hex digits")
+    listed = sum(e["num_images"] for e in manifest["shards"])
+    if listed != manifest["num_images"]:
+        raise ShardError(f"{path}: field 'num_images' is {manifest['num_images']}, but its shards list "
+                         f"{listed} images")
     return manifest
 
 
-def load_shards(shard_dir: str, expected_fingerprint: Optional[str] = None) -> tuple[np.ndarray, dict]:
-    """Verifies every shard's SHA-256 (and the head fingerprint when given) and returns
-    (tokens [N, n, D] in the stored dtype, manifest)."""
+def check_against_model(shard_dir: str, manifest: dict, *, tokens_per_image: int, embed_dim: int) -> None:
+    """The manifest's token shape must be what this server's model and encryption mode expect."""
+    path = os.path.join(shard_dir, MANIFEST)
+    for field, want in (("embed_dim", embed_dim), ("tokens_per_image", tokens_per_image)):
+        if manifest[field] != want:
+            raise ShardError(f"{path}: field {field!r} is {manifest[field]}, expected {want} (this "
+                             "server's config.model and encryption mode; the site encrypted with "
+                             "another model or keep ratio)")
+
+
+def _shard_path(shard_dir: str, mpath: str, i: int, entry: dict) -> str:
+    """A shard entry's file: a regular file inside the shard folder, of the size the manifest says."""
+    path = trust.inside(shard_dir, entry["file"], f"{mpath}: shards[{i}].file")
+    if not os.path.isfile(path):
+        raise ShardError(f"{path}: shard listed in {mpath} is missing")
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:
+        raise ShardError(f"{path}: {size} bytes, but {mpath} says shards[{i}].bytes = {entry['bytes']} "
+                         "(truncated or altered in transit)")
+    return path
+
+
+def _read_npy(path: str, stored: np.dtype, shape: tuple) -> np.ndarray:
+    """The array of a `.npy` file whose header must say `stored` and `shape` before any data is read
+    (a header may claim any size); never unpickles."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                raise ShardError(f"{path}: .npy format version {version}, expected 1.0 or 2.0")
+            h_shape, fortran, h_dtype = readers[version](f)
+            if h_dtype != stored or tuple(h_shape) != shape or fortran:
+                raise ShardError(f"{path}: .npy header says dtype {h_dtype}, shape {tuple(h_shape)}"
+                                 f"{', Fortran order' if fortran else ''}; expected dtype {stored}, "
+                                 f"shape {shape} (the manifest's dtype, tokens_per_image and embed_dim)")
+        return np.load(path, allow_pickle=False)
+    except ShardError:
+        raise
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        raise ShardError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from e
+
+
+def load_shards(shard_dir: str, expected_fingerprint: Optional[str] = None, *,
+                tokens_per_image: Optional[int] = None, embed_dim: Optional[int] = None
+                ) -> tuple[np.ndarray, dict]:
+    """Verifies a site's shard folder and returns (tokens [N, n, D] in the stored dtype, manifest).
+    Checked, in this order, before anything is trained on: the manifest's fields and types, the
+    head fingerprint and the token shape when given, then each shard: a regular file inside the
+    folder, of the listed size and SHA-256, a .npy header of the listed dtype and shape, finite
+    values within trust.MAX_ABS_VALUE."""
     manifest = read_manifest(shard_dir)
     mpath = os.path.join(shard_dir, MANIFEST)
+    if tokens_per_image is not None or embed_dim is not None:
+        check_against_model(shard_dir, manifest, tokens_per_image=tokens_per_image or manifest["tokens_per_image"],
+                            embed_dim=embed_dim or manifest["embed_dim"])
     if expected_fingerprint is not None and manifest["head_fingerprint"] != expected_fingerprint:
         raise ShardError(f"{mpath}: field 'head_fingerprint' is {manifest['head_fingerprint'][:16]}..., "
                          f"expected {expected_fingerprint[:16]}... (the shards were encrypted with "
                          "another head than this server's; re-encrypt with the distributed head)")
     chunks = []
     shape = (manifest["tokens_per_image"], manifest["embed_dim"])
-    for entry in manifest["shards"]:
-        path = os.path.join(shard_dir, entry["file"])
-        if not os.path.isfile(path):
-            raise ShardError(f"{path}: shard listed in {mpath} is missing")
+    stored = np.dtype(np.uint16) if manifest["dtype"] == "bfloat16" else np.dtype(DTYPES[manifest["dtype"]])
+    for i, entry in enumerate(manifest["shards"]):
+        path = _shard_path(shard_dir, mpath, i, entry)
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise ShardError(f"{path}: SHA-256 {digest[:16]}... does not match the manifest's "
                              f"{entry['sha256'][:16]}... (corrupted or altered in transit)")
-        arr = np.load(path, allow_pickle=False)
-        stored = np.dtype(np.uint16) if manifest["dtype"] == "bfloat16" else np.dtype(DTYPES[manifest["dtype"]])
-        if arr.dtype != stored:
-            raise ShardError(f"{path}: stored dtype {arr.dtype}, but the manifest's field 'dtype' is "
-                             f"{manifest['dtype']!r} (expected stored dtype {stored})")
-        if arr.shape != (entry["num_images"],) + shape:
-            raise ShardError(f"{path}: shape {arr.shape}, expected {(entry['num_images'],) + shape}")
-        chunks.append(_from_storage(arr, manifest["dtype"]))
-    tokens = np.concatenate(chunks)
-    if len(tokens) != manifest["num_images"]:
-        raise ShardError(f"{mpath}: field 'num_images' is {manifest['num_images']}, shards hold {len(tokens)}")
-    return tokens, manifest
+        chunk = _from_storage(_read_npy(path, stored, (entry["num_images"],) + shape), manifest["dtype"])
+        try:
+            trust.check_values(chunk, f"{path}: tokens")
+        except trust.InputError as e:
+            raise ShardError(str(e)) from None
+        chunks.append(chunk)
+    return np.concatenate(chunks), manifest
 
 
 def shard_bytes(shard_dir: str) -> int:

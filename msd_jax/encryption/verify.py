@@ -17,11 +17,11 @@ OK, 1 when any failed, 2 when a DIR holds no shard folder or the head cannot be 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional
 
+from msd_jax import layout, trust
 from msd_jax.encryption import shards
 from msd_jax.trust import InputError
 
@@ -34,7 +34,9 @@ class VerifyError(InputError):
 
 
 def find_shard_dirs(path: str) -> list[str]:
-    """Shard folders (with a manifest) at `path`, under `path`, or under `path`/shards."""
+    """Shard folders at `path`, under `path`, or under `path`/shards: every sub-folder holding a
+    manifest, hidden ones included (they are reported, not skipped); this tool's unfinished
+    folders aside."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise VerifyError(f"{path}: no such folder (expected a shard folder, a shards/ folder or a "
@@ -45,7 +47,8 @@ def find_shard_dirs(path: str) -> list[str]:
         if not os.path.isdir(root):
             continue
         found = sorted(os.path.join(root, d) for d in os.listdir(root)
-                       if not d.startswith(".") and os.path.isfile(os.path.join(root, d, shards.MANIFEST)))
+                       if not d.startswith(layout.TEMP_PREFIX)
+                       and os.path.isfile(os.path.join(root, d, shards.MANIFEST)))
         if found:
             return found
     raise VerifyError(f"{path}: no {shards.MANIFEST} here, in its sub-folders or in {path}/shards/* "
@@ -53,13 +56,10 @@ def find_shard_dirs(path: str) -> list[str]:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise VerifyError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or "fingerprint" not in meta:
-        raise VerifyError(f"{path}: field 'fingerprint' missing")
+    meta = trust.read_json(path, "the head's description")
+    if not isinstance(meta.get("fingerprint"), str):
+        raise VerifyError(f"{path}: field 'fingerprint' is {meta.get('fingerprint')!r}, expected a "
+                          "string of 64 hex digits")
     return meta
 
 
@@ -87,17 +87,26 @@ def head_fingerprint(head_dir: str) -> str:
     missing = [k for k in encrypt.HEAD_FIELDS if k not in meta]
     if missing:
         raise VerifyError(f"{meta_path}: field(s) {missing} missing")
-    cfg = vit.HeadConfig(**{k: meta[k] for k in encrypt.HEAD_FIELDS})
     try:
+        cfg = vit.HeadConfig(**{k: meta[k] for k in encrypt.HEAD_FIELDS})
         _, fp = encrypt.load_head(head_dir, cfg)
-    except (OSError, ValueError) as e:
-        raise VerifyError(str(e)) from e
+    except InputError:
+        raise
+    except (OSError, ValueError, TypeError) as e:  # shape fields of the wrong type or value
+        raise VerifyError(f"{meta_path}: the head's fields {[meta[k] for k in encrypt.HEAD_FIELDS]} "
+                          f"describe no valid head ({type(e).__name__}: {e})") from e
     return fp
 
 
-def verify_dir(shard_dir: str, fingerprint: Optional[str] = None) -> dict:
+def verify_dir(shard_dir: str, fingerprint: Optional[str] = None, root: Optional[str] = None) -> dict:
     """Verifies one site's shards (and their head fingerprint when given); returns the manifest.
-    Raises shards.ShardError."""
+    A folder inside `root` (the DIR given) must be named like a site and must not lead out of it.
+    Raises trust.InputError."""
+    if root is not None and os.path.abspath(shard_dir) != os.path.abspath(root):
+        name = os.path.basename(shard_dir)
+        if name != layout.PROXY:
+            layout.check_site_name(name, f"{shard_dir}: folder name")
+        trust.within(root, shard_dir, "this site folder")
     tokens, manifest = shards.load_shards(shard_dir, fingerprint)
     del tokens
     return manifest
@@ -119,19 +128,19 @@ def main(argv=None, out=sys.stdout) -> int:
             head_dir = args.head or (own if any(os.path.isfile(os.path.join(own, f))
                                                 for f in (HEAD_META, TRANSFORM_META)) else None)
             fp = expected_fingerprint(head_dir) if head_dir else None
-        except VerifyError as e:
+        except InputError as e:
             print(f"ERROR {e}", file=out)
             return 2
         if fp is None:
             print(f"note: no head given for {d} (--head): head fingerprints not checked", file=out)
         for sd in dirs:
             try:
-                m = verify_dir(sd, fp)
-            except shards.ShardError as e:
+                m = verify_dir(sd, fp, root=d)
+                mib = shards.shard_bytes(sd) / 2**20
+            except (InputError, OSError) as e:  # one site's bad upload: report it, check the next
                 failed += 1
                 print(f"FAIL {sd}: {e}", file=out)
                 continue
-            mib = shards.shard_bytes(sd) / 2**20
             print(f"OK   {sd}: site {m['site']}, {m['num_images']} images x {m['tokens_per_image']} "
                   f"tokens x {m['embed_dim']} ({m['dtype']}), {len(m['shards'])} shard(s), {mib:.2f} MiB, "
                   f"head {m['head_fingerprint'][:16]}{' (matches)' if fp else ''}", file=out)

@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msd_jax.encryption import encrypt, shards
+from msd_jax import trust
+from msd_jax.encryption import encrypt
 from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
 from msd_jax.protocols import model_io
+from msd_jax.protocols.token_upload import load_received
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
@@ -94,8 +96,8 @@ def run_fedavg(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, 
     fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     sites = wd.uploaded_sites()
     if not sites:
-        raise FileNotFoundError(f"{wd.shards_root}: no site shards (run parties.run_encrypt first)")
-    tokens = {s: shards.load_shards(wd.shards(s), expected_fingerprint=fingerprint)[0] for s in sites}
+        raise trust.InputError(f"{wd.shards_root}: no site shards (run parties.run_encrypt first)")
+    tokens = {s: load_received(config, model, mode, wd.shards(s), fingerprint) for s in sites}
     sizes = [len(tokens[s]) for s in sites]
     total = offsets[-1]
     template = _template(config, model)

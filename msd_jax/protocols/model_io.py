@@ -9,43 +9,42 @@ from __future__ import annotations
 import json
 import os
 
-import flax.serialization
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from msd_jax.models import vit
+from msd_jax import trust
+from msd_jax.models import params_file, vit
 
 PARAMS_FILE = "params.msgpack"
 META_FILE = "model.json"
 
 
 def save_params(out_dir: str, params, model_cfg: vit.ViTConfig, **meta) -> int:
-    """Writes params atomically; returns the bytes written (params + description)."""
-    os.makedirs(out_dir, exist_ok=True)
-    data = flax.serialization.to_bytes(jax.device_get(params))
-    tmp = os.path.join(out_dir, PARAMS_FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(out_dir, PARAMS_FILE))
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump({"model": model_cfg.to_dict(), **meta}, f, indent=1)
-    return len(data) + os.path.getsize(os.path.join(out_dir, META_FILE))
+    """Writes params and their description atomically; returns the bytes written."""
+    return params_file.save(out_dir, PARAMS_FILE, params, META_FILE, {"model": model_cfg.to_dict(), **meta})
+
+
+def check_model(meta_path: str, meta: dict, model_cfg: vit.ViTConfig, ignore=()) -> None:
+    """A description's 'model' must be this config's model (compute fields and `ignore` aside)."""
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise trust.InputError(f"{meta_path}: field 'model' is {saved!r}, expected the model's fields")
+    for k, v in model_cfg.to_dict().items():
+        if k in vit.COMPUTE_FIELDS or k in ignore:
+            continue  # how the model computes, not what it is
+        if saved.get(k) != v:
+            raise trust.InputError(f"{meta_path}: model.{k} is {saved.get(k)!r} but config.model.{k} "
+                                   f"is {v!r}: a model of another shape")
 
 
 def load_params(in_dir: str, template, model_cfg: vit.ViTConfig):
+    """(params, description) of a model another party wrote, each leaf checked against `template`
+    (paths, shapes, dtypes, finite values); trust.InputError naming the file otherwise."""
     meta_path = os.path.join(in_dir, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{meta_path}: no model here")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    for k, v in model_cfg.to_dict().items():
-        if k in vit.COMPUTE_FIELDS:
-            continue  # how the model computes, not what it is
-        if meta["model"].get(k) != v:
-            raise ValueError(f"{meta_path}: model.{k} is {meta['model'].get(k)!r} but config.model.{k} "
-                             f"is {v!r}: a model of another shape")
-    with open(os.path.join(in_dir, PARAMS_FILE), "rb") as f:
-        return flax.serialization.from_bytes(template, f.read()), meta
+    meta = trust.read_json(meta_path, f"the description of a model, next to {PARAMS_FILE}")
+    check_model(meta_path, meta, model_cfg)
+    return params_file.load(os.path.join(in_dir, PARAMS_FILE), template), meta
 
 
 def file_bytes(in_dir: str) -> int:
@@ -66,20 +65,24 @@ def load_backbone(in_dir: str, model_cfg: vit.ViTConfig):
     path = os.path.abspath(in_dir)
     meta_path = os.path.join(path, "backbone.json")
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{meta_path}: no backbone here (run --mode server first)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    for k, v in model_cfg.to_dict().items():
-        if k in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers"):
-            continue  # the projection head is not part of the backbone
-        if k in vit.COMPUTE_FIELDS:
-            continue  # how the model computes, not what it is
-        if meta["model"].get(k) != v:
-            raise ValueError(f"{meta_path}: model.{k} is {meta['model'].get(k)!r} but config.model.{k} "
-                             f"is {v!r}: a backbone of another model")
+        raise trust.InputError(f"{meta_path}: no backbone here (run --mode server first)")
+    meta = trust.read_json(meta_path, "the backbone's description")
+    # the projection head is not part of the backbone
+    check_model(meta_path, meta, model_cfg,
+                ignore=("out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers"))
     template = {"head": vit.init_head(model_cfg, jax.random.key(0)),
                 "body": vit.init_student(model_cfg, jax.random.key(0))["body"]}
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(path, "params"), abstract)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(os.path.join(path, "params"), abstract)
+    except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types for one cause)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise trust.InputError(f"{os.path.join(path, 'params')}: the backbone's Orbax checkpoint cannot "
+                               f"be read ({type(e).__name__}: {first}); write it again with --mode server "
+                               "or copy it again") from None
+    for name, tree in params.items():
+        for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            trust.check_values(np.asarray(leaf), f"{os.path.join(path, 'params')}: "
+                                                 f"{name}{jax.tree_util.keystr(leaf_path)}")
     return params["head"], params["body"], meta

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msd_jax.encryption import encrypt, shards
+from msd_jax import trust
+from msd_jax.encryption import encrypt
 from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
 from msd_jax.protocols import model_io
-from msd_jax.protocols.token_upload import load_uploaded_tokens
+from msd_jax.protocols.token_upload import load_received, load_uploaded_tokens
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
 
@@ -35,7 +36,7 @@ def train_site(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, 
     the bytes uploaded."""
     steps = config.train.site_steps if site_steps is None else site_steps
     fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
-    tokens, _ = shards.load_shards(wd.shards(site), expected_fingerprint=fingerprint)
+    tokens = load_received(config, model, mode, wd.shards(site), fingerprint)
     template = train.init_student_params(config, model)
     initial, _ = model_io.load_params(wd.initial, template, model)
     state = train.train(config, model, party=site, tokens=tokens, init_params=initial,
@@ -60,14 +61,15 @@ def merged_init(site_params: list, initial, how: str):
     return jax.device_get(student)
 
 
-def distillation_tokens(config, wd: Workdir, fingerprint: str) -> np.ndarray:
+def distillation_tokens(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
+                        fingerprint: str) -> np.ndarray:
     """The tokens the server distils on: its proxy set or the uploaded site shards."""
     if config.merge.data == "proxy":
         if not os.path.isdir(wd.shards(PROXY)):
-            raise FileNotFoundError(f"{wd.shards(PROXY)}: no proxy shards (config.merge.data='proxy' "
+            raise trust.InputError(f"{wd.shards(PROXY)}: no proxy shards (config.merge.data='proxy' "
                                     "needs a proxy set encrypted with the same head)")
-        return shards.load_shards(wd.shards(PROXY), expected_fingerprint=fingerprint)[0]
-    return load_uploaded_tokens(wd, fingerprint, wd.uploaded_sites())
+        return load_received(config, model, mode, wd.shards(PROXY), fingerprint)
+    return load_uploaded_tokens(config, model, mode, wd, fingerprint)
 
 
 def merge(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=print, *,
@@ -79,10 +81,10 @@ def merge(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=p
     fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     sites = wd.uploaded_models()
     if not sites:
-        raise FileNotFoundError(f"{wd.uploads_root}: no site models uploaded (run --mode site at the sites)")
+        raise trust.InputError(f"{wd.uploads_root}: no site models uploaded (run --mode site at the sites)")
     template = train.init_student_params(config, model)
     site_params = [model_io.load_params(wd.upload(s), template, model)[0] for s in sites]
-    tokens = distillation_tokens(config, wd, fingerprint)
+    tokens = distillation_tokens(config, model, mode, wd, fingerprint)
     student = merged_init(site_params, template, config.merge.init)
     stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *site_params)
     log(f"[server] merging {len(sites)} site models by one-shot distillation on "
