@@ -6,7 +6,7 @@ It steps a jitted `step_fn(state, *batch, example_ids, key, *step_args) -> (stat
 on every config.train.log_every-th step (and the last) checks the metrics are finite, prints the
 progress line, appends the metrics line and writes the TensorBoard scalars; on every
 config.train.checkpoint_every-th step (and the last) it saves an Orbax checkpoint, from which a
-later run resumes.
+later run resumes (from the newest one it can read: training/checkpoints.py).
 """
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
     the host.
 
     `arrays`: host arrays indexed by the batch's example ids. `ckpt_dir`: checkpoints with `meta`
-    (JSON; a checkpoint of another `meta` raises CheckpointMismatchError), resumed from when
-    present; None: no checkpoints. `step_args`: further step arguments, replicated on the mesh (the
-    merge's site teachers). `tensorboard_dir` is skipped when config.train.tensorboard is False.
-    `log_every` overrides config.train.log_every. `describe` ends the opening line."""
+    (JSON; a checkpoint of another `meta` raises CheckpointMismatchError), resumed from the newest
+    readable one (unreadable ones are moved aside and logged); None: no checkpoints. `step_args`:
+    further step arguments, replicated on the mesh (the merge's site teachers). `tensorboard_dir`
+    is skipped when config.train.tensorboard is False. `log_every` overrides
+    config.train.log_every. `describe` ends the opening line."""
     log_every = log_every or config.train.log_every
     end = total_steps if stop_at is None else min(total_steps, stop_at)
     with contextlib.ExitStack() as closing:
@@ -110,8 +111,8 @@ class StepLog:
 
 def resume(ckpts: checkpoints.Checkpoints, state: Any, party: str, total_steps: int,
            log: Callable[[str], None]) -> Any:
-    """The state of the latest checkpoint, else `state`."""
-    state, step = ckpts.restore_latest(state)
+    """The state of the newest readable checkpoint, else `state`."""
+    state, step = ckpts.restore_latest(state, log=lambda line: log(f"[{party}] {line}"))
     if step is not None:
         log(f"[{party}] resumed from {ckpts.dir} at step {step}/{total_steps}")
     return state
