@@ -120,6 +120,11 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=256,
         random_init_baseline=True,
         per_site=True,            # also probes fitted on each site's own labelled images alone
+        # a site's probes (and the comparison's per-site fine-tuning) run only with at least this many
+        # labelled images and two classes among them: below, the linear probe on features
+        # standardised over a handful of images and the kNN's few neighbours score mostly the test
+        # split's class balance; 10 is about five images per class of a two-class task
+        per_site_min_images=10,
         # full fine-tuning (evaluation/finetune.py; the comparison's fine-tune column): a new linear head on
         # finetune_features ('' = the first kind of `features`), AdamW, warm-up + cosine, layer-wise
         # lr decay (1.0 = one lr), random-resized-crop (scale range) + flip
@@ -202,6 +207,9 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
     _check_choice(c.merge.data, ("proxy", "uploaded"), "merge.data")
     _check_choice(c.merge.init, ("average", "initial"), "merge.init")
     _check_choice(c.eval.linear_optimizer, ("lbfgs", "adam"), "eval.linear_optimizer")
+    if c.eval.per_site_min_images < 2:
+        raise ValueError(f"config.eval.per_site_min_images: expected >= 2 (a probe needs two classes, so "
+                         f"two images at least), got {c.eval.per_site_min_images}")
     if c.data.name == "folders" and mode in ("all", "encrypt", "eval"):
         if not c.data.site_dirs:
             raise ValueError("config.data.site_dirs: expected comma-separated site folders with "

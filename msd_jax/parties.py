@@ -226,15 +226,40 @@ def run_eval(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
     return report
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def site_eval_skip_reason(config, images, what: str = "per-site probes need") -> str | None:
+    """Why an evaluation fitted on one site's labelled `images` alone would not measure the
+    features, or None when it would: it needs two classes among at least
+    config.eval.per_site_min_images images. (The kNN clips its k to the images it has, so it needs
+    no more than that.) `what` names the evaluation in the reason, with its verb."""
+    n, need = len(images), int(config.eval.per_site_min_images)
+    classes = [images.class_names[i] for i in np.unique(images.labels)]
+    if n >= need and len(classes) >= 2:
+        return None
+    if n == 0:
+        has = "no labelled images"
+    elif len(classes) == 1:
+        has = f"one class ({classes[0]}) among its {_plural(n, 'image')}"
+    else:
+        has = f"only {_plural(n, 'image')} ({len(classes)} classes: {', '.join(classes)})"
+    return f"{has}; {what} >= 2 classes and >= {need} images (config.eval.per_site_min_images)"
+
+
 def _eval_by_site(config, data, f_train: np.ndarray, f_test: np.ndarray, log) -> dict:
     """{site: {'num_images', 'knn', 'linear'}}: probes fitted on one site's own labelled images,
-    scored on the pooled test split: what each hospital gets with its own labels. `f_train` holds the
-    features of `data.labelled_train`, which is the sites' images in site order."""
+    scored on the pooled test split: what each hospital gets with its own labels. A site whose images
+    cannot carry a probe (site_eval_skip_reason) gets knn and linear None and 'skipped': the reason.
+    `f_train` holds the features of `data.labelled_train`, which is the sites' images in site order."""
     out, start = {}, 0
     for name, images in data.sites:
         f_site, start = f_train[start:start + len(images)], start + len(images)
-        if len(images) == 0:
-            log(f"[eval] site {name!r} has no labelled images: left out of eval_by_site")
+        reason = site_eval_skip_reason(config, images)
+        if reason is not None:
+            log(f"[eval] site {name!r}: no per-site probes: {reason}")
+            out[name] = {"num_images": len(images), "knn": None, "linear": None, "skipped": reason}
             continue
         r = evaluate_with_config(config, f_site, images.labels, f_test, data.test.labels,
                                  len(data.test.class_names))
@@ -244,6 +269,11 @@ def _eval_by_site(config, data, f_train: np.ndarray, f_test: np.ndarray, log) ->
     return out
 
 
+def probed_sites(by_site: dict) -> dict:
+    """The entries of report['eval_by_site'] that have probe results (not skipped)."""
+    return {site: r for site, r in by_site.items() if r.get("knn") is not None}
+
+
 def _tensorboard_eval(wd: Workdir, report: dict) -> None:
     """The report's accuracies and AUCs as scalars under WORKDIR/tensorboard/eval/ (step 0)."""
     from msd_jax.training.tensorboard import ScalarWriter  # noqa: PLC0415
@@ -251,7 +281,7 @@ def _tensorboard_eval(wd: Workdir, report: dict) -> None:
         w.eval_results(report["eval_by_features"], "eval/")
         w.eval_results(report.get("baseline_random_init_by_features", {}), "eval_random_init/")
         w.eval_results({site: {p: r[p] for p in ("knn", "linear")}
-                        for site, r in report.get("eval_by_site", {}).items()},
+                        for site, r in probed_sites(report.get("eval_by_site", {})).items()},
                        f"eval_by_site_{report['features']}/")
 
 
@@ -280,7 +310,22 @@ def results_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += _site_lines(report.get("eval_by_site", {}), report["features"])
     up = sum(s["bytes_uploaded"] for s in report["sites"])
     lines.append(f"sites: {len(report['sites'])}, uploaded {up / 2**20:.2f} MiB in one round; "
                  f"timing (s): {report['timing_s']}")
     return "\n".join(lines)
+
+
+def _site_lines(by_site: dict, feature: str) -> list[str]:
+    """One line per site of the probes fitted on its own labels, or why it has none."""
+    if not by_site:
+        return []
+    lines = [f"probes fitted on each site's own labels ({feature} features, pooled test split):"]
+    for site, r in by_site.items():
+        if r.get("knn") is None:
+            lines.append(f"  {site} (n={r['num_images']}): skipped: {r.get('skipped', 'no result')}")
+        else:
+            lines.append(f"  {site} (n={r['num_images']}): kNN acc {r['knn']['accuracy']:.4f}, "
+                         f"linear acc {r['linear']['accuracy']:.4f}")
+    return lines

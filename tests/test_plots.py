@@ -239,7 +239,8 @@ def test_train_flags_prototype_collapse(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_site_accuracy_png(tmp_path):
     r = lambda a, b: {"knn": {"accuracy": a, "auc": 0.5}, "linear": {"accuracy": b, "auc": 0.5}}  # noqa: E731
-    by_site = {"a": {"num_images": 6, **r(0.9, 0.8)}, "b": {"num_images": 4, **r(0.6, 0.6)}}
+    by_site = {"a": {"num_images": 6, **r(0.9, 0.8)}, "b": {"num_images": 4, **r(0.6, 0.6)},
+               "c": {"num_images": 1, "knn": None, "linear": None, "skipped": "one class (no) among its 1 image"}}
     out = plots.site_accuracy(by_site, r(0.95, 0.9), r(0.5, 0.55), str(tmp_path / "p" / "s.png"), "cls")
     w_with, _ = check_png(out)
     w_without, _ = check_png(plots.site_accuracy(by_site, r(0.95, 0.9), None, str(tmp_path / "t.png")))
@@ -247,8 +248,9 @@ def test_site_accuracy_png(tmp_path):
 
 
 def _eval_case(tmp_path):
-    """Two sites (a: both classes, b: class 0 only), a test split of 4 x class 0 + 2 x class 1,
-    a tiny random backbone saved in the work directory."""
+    """Three sites (a: 6 images of both classes, b: 4 of class 0 only, c: 1 of class 1), a test split
+    of 4 x class 0 + 2 x class 1, a tiny random backbone saved in the work directory; per-site probes
+    need 6 images."""
     from msd_jax.config import base_config
     from msd_jax.data.sites import FederatedData
     from msd_jax.data.sources import ImageSet
@@ -258,7 +260,7 @@ def _eval_case(tmp_path):
     c = base_config()
     c.model.update(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
                    out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
-    c.eval.update(features="cls", knn_k=1, linear_steps=30, batch_size=8)
+    c.eval.update(features="cls", knn_k=1, linear_steps=30, batch_size=8, per_site_min_images=6)
     key = jax.random.key(0)
     rnd = lambda i, n: np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (n, 16, 16, 1)))  # noqa: E731
 
@@ -268,7 +270,8 @@ def _eval_case(tmp_path):
         return ImageSet(x.astype(np.float32), labels, ("no", "yes"),
                         tuple(f"{i}_{j}" for j in range(len(labels))))
 
-    data = FederatedData(sites=[("a", images(1, [0, 1, 0, 1, 0, 1])), ("b", images(2, [0, 0, 0, 0]))],
+    data = FederatedData(sites=[("a", images(1, [0, 1, 0, 1, 0, 1])), ("b", images(2, [0, 0, 0, 0])),
+                                ("c", images(4, [1]))],
                          test=images(3, [0, 0, 1, 0, 1, 0]), proxy=None)
     cfg = vit.ViTConfig.from_config(c.model)
     wd = Workdir(str(tmp_path))
@@ -282,30 +285,42 @@ def test_run_eval_by_site(tmp_path):
     from msd_jax import parties
     from msd_jax.evaluation.features import extract_features
     c, wd, data, cfg, head, body = _eval_case(tmp_path)
-    report = parties.run_eval(c, model_of(c), mode_of(c), wd, data, log=lambda *_: None)
+    logs = []
+    report = parties.run_eval(c, model_of(c), mode_of(c), wd, data, log=logs.append)
     by_site = report["eval_by_site"]
-    assert list(by_site) == ["a", "b"]
-    assert [by_site[s]["num_images"] for s in ("a", "b")] == [6, 4]
-    # site b knows only class 0: both of its probes answer 0, right on the 4 of 6 test images
-    assert by_site["b"]["knn"]["accuracy"] == pytest.approx(4 / 6)
-    assert by_site["b"]["linear"]["accuracy"] == pytest.approx(4 / 6)
-    # site a: 1-nearest neighbour by cosine similarity, in float64
+    assert list(by_site) == ["a", "b", "c"]
+    assert [by_site[s]["num_images"] for s in ("a", "b", "c")] == [6, 4, 1]
+    # b knows one class, c has one image: no probes, and the reason instead of numbers
+    need = "per-site probes need >= 2 classes and >= 6 images (config.eval.per_site_min_images)"
+    assert by_site["b"] == {"num_images": 4, "knn": None, "linear": None,
+                            "skipped": f"one class (no) among its 4 images; {need}"}
+    assert by_site["c"] == {"num_images": 1, "knn": None, "linear": None,
+                            "skipped": f"one class (yes) among its 1 image; {need}"}
+    assert f"[eval] site 'c': no per-site probes: one class (yes) among its 1 image; {need}" in logs
+    assert not [m for m in logs if "not written" in m or "not drawn" in m]  # every consumer took the nulls
+    # site a meets the minimum: 1-nearest neighbour by cosine similarity, in float64
     kw = dict(mean=c.data.mean, std=c.data.std)
     fa = extract_features(head, body, cfg, data.sites[0][1].images, **kw)["cls"].astype(np.float64)
     ft = extract_features(head, body, cfg, data.test.images, **kw)["cls"].astype(np.float64)
     sim = (ft / np.linalg.norm(ft, axis=1, keepdims=True)) @ (fa / np.linalg.norm(fa, axis=1, keepdims=True)).T
     pred = data.sites[0][1].labels[sim.argmax(1)]
     assert by_site["a"]["knn"]["accuracy"] == pytest.approx(np.mean(pred == data.test.labels))
+    assert 0.0 <= by_site["a"]["linear"]["accuracy"] <= 1.0
     with open(wd.report) as f:
-        assert json.load(f)["eval_by_site"]["b"]["num_images"] == 4
+        saved = json.load(f)["eval_by_site"]
+    assert saved["b"]["num_images"] == 4 and saved["c"]["linear"] is None
     site_png = str(tmp_path / "plots" / "site_accuracy.png")
     assert site_png in report["plots"]
     check_png(site_png)
-    # the accuracies also went to TensorBoard
+    table = parties.results_table(report)
+    assert f"c (n=1): skipped: one class (yes) among its 1 image; {need}" in table
+    assert f"a (n=6): kNN acc {by_site['a']['knn']['accuracy']:.4f}" in table
+    # the accuracies also went to TensorBoard, for the probed site only
     from test_tensorboard import read_scalars
     scalars = read_scalars(wd.tensorboard("eval"))
     assert scalars["eval/cls/knn_accuracy"][0] == pytest.approx(report["eval"]["knn"]["accuracy"])
-    assert scalars["eval_by_site_cls/b/linear_accuracy"][0] == pytest.approx(4 / 6)
+    assert scalars["eval_by_site_cls/a/linear_accuracy"][0] == pytest.approx(by_site["a"]["linear"]["accuracy"])
+    assert not [k for k in scalars if k.startswith(("eval_by_site_cls/b/", "eval_by_site_cls/c/"))]
     assert "eval_random_init/cls/linear_auc" in scalars
 
 

@@ -98,23 +98,32 @@ def attention_maps(head_params, body_params, cfg: vit.ViTConfig, images: np.ndar
     return att
 
 
+def _site_group(name: str, r: dict) -> str:
+    skipped = "" if r.get("knn") is not None else ", skipped"
+    return f"{name}\n(n={r['num_images']}{skipped})"
+
+
 def site_accuracy(by_site: dict, pooled: dict, random_init: dict | None, out_png: str,
                   feature: str = "") -> str:
     """Grouped bars of kNN and linear-probe accuracy: one group per site (probes fitted on that
     site's labelled images alone), then the pooled probes and the random-init backbone for
-    reference. `by_site` is report['eval_by_site']; `pooled`, `random_init` are {'knn', 'linear'}."""
-    groups = [(f"{name}\n(n={r['num_images']})", r) for name, r in by_site.items()]
+    reference. `by_site` is report['eval_by_site'], where a site without probes (knn None: too few
+    images or one class) keeps its place with no bars; `pooled`, `random_init` are {'knn', 'linear'}."""
+    groups = [(_site_group(name, r), r) for name, r in by_site.items()]
     groups.append(("pooled", pooled))
     if random_init is not None:
         groups.append(("random init\n(pooled)", random_init))
+    probed = [i for i, (_, r) in enumerate(groups) if r.get("knn") is not None]
     x = np.arange(len(groups))
     width = 0.38
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 1.5), 4))
     try:
         for j, (probe, label) in enumerate((("knn", "kNN"), ("linear", "linear probe"))):
-            vals = [r[probe]["accuracy"] for _, r in groups]
-            bars = ax.bar(x + (j - 0.5) * width, vals, width, label=label)
+            vals = [groups[i][1][probe]["accuracy"] for i in probed]
+            bars = ax.bar(x[probed] + (j - 0.5) * width, vals, width, label=label)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        for i in sorted(set(range(len(groups))) - set(probed)):
+            ax.text(x[i], 0.05, "no probes", ha="center", va="bottom", fontsize=7, rotation=90, color="gray")
         ax.set_xticks(x, [g for g, _ in groups], fontsize=8)
         ax.axvline(len(by_site) - 0.5, color="gray", lw=0.8, ls="--")
         ax.set_ylim(0, 1.2)  # room above the bars for the legend

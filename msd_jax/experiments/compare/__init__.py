@@ -10,6 +10,8 @@ writes DIR/runs/<row>/seed<k>/result.json atomically; a killed run skips the row
 exists. Then DIR/comparison.json, .md and .png.
 
   settings.py   the rows, the checks of config.compare, the configs derived from the user's one
+  needs.py      what each row needs from the data, checked before any row trains: a stand-in
+                setting (model upload without a proxy set merges on the uploaded tokens) or a skip
   budget.py     one budget of student image-views split into each row's steps per party
   rows.py       each row's training through the parties, given its steps; its result.json
   evaluate.py   the evaluation every row's backbones get

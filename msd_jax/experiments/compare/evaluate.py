@@ -8,6 +8,7 @@ from msd_jax.evaluation import evaluate_with_config
 from msd_jax.evaluation.features import extract_features, parse_kinds
 from msd_jax.evaluation.finetune import finetune_eval
 from msd_jax.models import vit
+from msd_jax.parties import site_eval_skip_reason
 
 
 def evaluate_backbone(config, model: vit.ViTConfig, head, body, data) -> dict:
@@ -31,21 +32,41 @@ def _finetune(config, model: vit.ViTConfig, head, body, train_set, test_set, log
 
 
 def _mean_metrics(results: list[dict]) -> dict:
-    return {k: float(np.mean([r[k] for r in results])) for k in ("accuracy", "auc")}
+    """Means over the results that have numbers (a skipped site has None); None when none has."""
+    out = {}
+    for k in ("accuracy", "auc"):
+        vals = [r[k] for r in results if r.get(k) is not None]
+        out[k] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _finetune_per_site(config, model: vit.ViTConfig, head, body, sets, test_set, log) -> dict:
+    """Fine-tuning on each site's labelled set alone, scored on the pooled test split; a site whose
+    set cannot carry it (parties.site_eval_skip_reason) is skipped with its reason and left out of
+    the mean."""
+    site_r = {}
+    for name, ds in sets:
+        reason = site_eval_skip_reason(config, ds, "per-site fine-tuning needs")
+        if reason is None:
+            site_r[name] = _finetune(config, model, head, body, ds, test_set, log)
+        else:
+            log(f"[compare] site {name!r}: no per-site fine-tuning: {reason}")
+            site_r[name] = {"accuracy": None, "auc": None, "skipped": reason}
+    return {**_mean_metrics(list(site_r.values())), "sites": site_r}
 
 
 def evaluate_row(config, model: vit.ViTConfig, backbones, data, log, *, finetune_sets=None) -> dict:
     """Probes and fine-tuning of one row. `backbones`: [(name, head, body)]; with several (local
     only) the row reports their mean and keeps each one. `finetune_sets`: per backbone, the labelled
-    set its per-site fine-tuning uses (default: every site's set for every backbone)."""
+    set its per-site fine-tuning uses (default: every site's set for every backbone). A per-site
+    fine-tuning accuracy is None where no site's set could carry it."""
     per = []
     for i, (name, head, body) in enumerate(backbones):
         r = evaluate_backbone(config, model, head, body, data)
         r["finetune"] = _finetune(config, model, head, body, data.labelled_train, data.test, log)
         if config.compare.finetune_per_site:
             sets = finetune_sets[i] if finetune_sets else data.sites
-            site_r = {s: _finetune(config, model, head, body, ds, data.test, log) for s, ds in sets}
-            r["finetune_per_site"] = {**_mean_metrics(list(site_r.values())), "sites": site_r}
+            r["finetune_per_site"] = _finetune_per_site(config, model, head, body, sets, data.test, log)
         per.append({"name": name, **r})
     out = {k: _mean_metrics([p[k] for p in per]) for k in ("knn", "linear", "finetune")}
     if config.compare.finetune_per_site:

@@ -23,13 +23,16 @@ def aggregate(results: dict[str, list[dict]]) -> list[dict]:
             continue
         row = {"name": name, "seeds": [r["seed"] for r in rs]}
         for group, metric in METRICS:
-            vals = [r[group][metric] for r in rs if group in r]
+            # None: no site could carry the per-site evaluation
+            vals = [r[group][metric] for r in rs if group in r and r[group][metric] is not None]
             if vals:
                 row[f"{group}_{metric}_mean"] = float(np.mean(vals))
                 row[f"{group}_{metric}_std"] = float(np.std(vals))
         for k in ("bytes_up", "bytes_down", "rounds", "image_views", "optimizer_steps", "wall_s", "eval_s"):
             row[k] = float(np.mean([r[k] for r in rs]))
         row["how"] = rs[0]["budget"]["how"]
+        if rs[0].get("changed_settings"):
+            row["changed_settings"] = rs[0]["changed_settings"]
         if "best" in rs[0]:
             row["best_linear_accuracy_mean"] = float(np.mean([r["best"]["linear"] for r in rs]))
         rows.append(row)
@@ -46,7 +49,37 @@ def _pm(row, key) -> str:
     return f"{row[key + '_mean']:.3f} ± {row[key + '_std']:.3f}"
 
 
-def table_md(rows: list[dict], config, target: int, note: str = "") -> str:
+def _value(v) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _setting_changes(settings: dict, config) -> str:
+    """"merge.data='uploaded' (not 'proxy')" for {'merge.data': 'uploaded'}."""
+    parts = []
+    for key, value in settings.items():
+        section, field = key.split(".")
+        parts.append(f"{key}={_value(value)} (not {_value(config[section][field])})")
+    return ", ".join(parts)
+
+
+def changes_md(config, changed: dict, skipped: dict) -> list[str]:
+    """The lines under the table on the rows that ran with a changed setting and those not run."""
+    out = []
+    if changed:
+        out += ["", "Rows run with a changed setting (checked before any row trained):", ""]
+        out += [f"- **{row}**: {_setting_changes(c['settings'], config)}, because it needs "
+                f"{'; '.join(c['why'])}." for row, c in changed.items()]
+    if skipped:
+        out += ["", "Rows not run (checked before any row trained):", ""]
+        out += [f"- **{row}**: skipped, because it needs {'; '.join(why)}." for row, why in skipped.items()]
+    return out
+
+
+def table_md(rows: list[dict], config, target: int, note: str = "", changed: dict | None = None,
+             skipped: dict | None = None) -> str:
+    """The markdown table; `changed`, `skipped`: needs.check_rows' rows run with a changed setting
+    ({row: {'settings', 'why'}}) and rows not run ({row: [why]})."""
+    changed, skipped = changed or {}, skipped or {}
     head = ("| row | seeds | kNN acc | kNN AUC | linear acc | linear AUC | fine-tune acc | fine-tune AUC "
             "| fine-tune per site acc | MiB up | MiB down | rounds | image-views | opt. steps | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -57,6 +90,8 @@ def table_md(rows: list[dict], config, target: int, note: str = "") -> str:
             f"{_pm(r, 'finetune_auc')} | {_pm(r, 'finetune_per_site_accuracy')} | {_mib(r['bytes_up'])} | "
             f"{_mib(r['bytes_down'])} | {r['rounds']:.0f} | {r['image_views']:.0f} | "
             f"{r['optimizer_steps']:.0f} | {r['wall_s']:.0f} |")
+    ncols = head.count("|") - 1
+    lines += [f"| {row} | skipped (below) |" + " - |" * (ncols - 2) for row in skipped]
     out = ["# Comparison at one compute budget", "",
            f"Budget: {target} student image-views per protocol (mean ± std over seeds; std with "
            f"ddof=0). Features: {config.eval.features.split(',')[0]}; fine-tuning "
@@ -64,6 +99,7 @@ def table_md(rows: list[dict], config, target: int, note: str = "") -> str:
            f"each site's labelled images, mean over sites), scored on the pooled test split.", ""]
     out += lines + ["", "How each protocol spent the budget:", ""]
     out += [f"- **{r['name']}**: {r['how']}." for r in rows]
+    out += changes_md(config, changed, skipped)
     out += ["", "`no_pretraining` spends no pretraining compute (random-init body with the fixed head); "
                 "`supervised_scratch` counts one view per image per step, so it takes V times the steps; "
                 "its fine-tune column is its own classifier's test score (it is trained on the labels). "
@@ -107,12 +143,15 @@ def plot(rows: list[dict], path: str) -> str:
     return path
 
 
-def write_outputs(config, workdir, agg, target, note="", wall_s=None) -> None:
+def write_outputs(config, workdir, agg, target, note="", wall_s=None, changed: dict | None = None,
+                  skipped: dict | None = None) -> None:
+    """comparison.json, .md and .png; `changed`, `skipped` as table_md's."""
     out = {"rows": agg, "target_image_views": target, "quick": bool(config.get("quick", False)),
-           "wall_s": None if wall_s is None else round(wall_s, 1), "config": config.to_dict()}
+           "wall_s": None if wall_s is None else round(wall_s, 1),
+           "changed_rows": changed or {}, "skipped_rows": skipped or {}, "config": config.to_dict()}
     write_json(os.path.join(workdir, "comparison.json"), out)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write(table_md(agg, config, target, note))
+        f.write(table_md(agg, config, target, note, changed, skipped))
     try:
         plot(agg, os.path.join(workdir, "comparison.png"))
     except Exception as e:  # noqa: BLE001 (the table must survive a plotting failure)

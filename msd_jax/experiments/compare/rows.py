@@ -132,8 +132,11 @@ RUNNERS: dict[str, Callable] = {
 }
 
 
-def run_row(config, row: str, run_dir: str, data, plan: dict, log=print) -> dict:
-    """Trains and evaluates one row for one seed in `run_dir`; writes run_dir/result.json."""
+def run_row(config, row: str, run_dir: str, data, plan: dict, log=print, *,
+            changed_settings: dict | None = None) -> dict:
+    """Trains and evaluates one row for one seed in `run_dir`; writes run_dir/result.json.
+    `changed_settings`: {'section.key': value} that `config` holds in place of the user's (from
+    needs.check_rows), recorded in the result."""
     wd = Workdir(run_dir)
     os.makedirs(wd.root, exist_ok=True)
     t0 = time.perf_counter()
@@ -159,5 +162,7 @@ def run_row(config, row: str, run_dir: str, data, plan: dict, log=print) -> dict
               "budget": plan[row], "target_image_views": plan["target_image_views"],
               "wall_s": round(train_s, 2), "eval_s": round(eval_s, 2),
               "site_sizes": {n: len(s) for n, s in data.sites}, **extra}
+    if changed_settings:
+        result["changed_settings"] = dict(changed_settings)
     write_json(os.path.join(run_dir, RESULT), result)
     return result

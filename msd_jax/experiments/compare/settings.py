@@ -93,3 +93,15 @@ def protocol_config(config, protocol: str, merge_data: str | None = None):
     if merge_data is not None:
         config.merge.data = merge_data
     return config
+
+
+def changed_config(config, settings: dict):
+    """The config of a row that runs with changed settings ({'section.key': value}, from
+    needs.check_rows); `config` itself when there are none."""
+    if not settings:
+        return config
+    config = copy.deepcopy(config)
+    for key, value in settings.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
