@@ -37,6 +37,12 @@ def inside(folder: str, name: str, what: str) -> str:
     return path
 
 
+def contained(path: str, what: str) -> str:
+    """`path`, a file in the folder it was sent in, with its symlinks resolved; InputError when
+    the file is a symlink out of that folder."""
+    return inside(os.path.dirname(os.path.abspath(path)), os.path.basename(path), f"{path}: {what}")
+
+
 def within(root: str, path: str, what: str) -> str:
     """`path` with its symlinks resolved, which must stay inside `root` (the work directory)."""
     real_root, real = os.path.realpath(root), os.path.realpath(path)
@@ -70,6 +76,7 @@ def read_json(path: str, what: str = "a JSON object") -> dict:
     UTF-8 JSON or not an object. `what` says what the file should be."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: not found (expected {what})")
+    path = contained(path, "this file")
     size = os.path.getsize(path)
     if size > MAX_JSON_BYTES:
         raise InputError(f"{path}: {size} bytes, expected {what} of at most {MAX_JSON_BYTES} bytes")

@@ -211,6 +211,27 @@ def test_a_symlinked_site_folder_pointing_outside_is_refused(config, wd, tmp_pat
     assert rc == 1 and any(line.startswith("FAIL") and "site1" in line for line in text.splitlines()), text
 
 
+@pytest.mark.parametrize("which", ["manifest", "params", "model.json", "head.json"])
+def test_a_symlinked_file_pointing_outside_is_refused(config, wd, tmp_path, which):
+    """A valid copy outside the work directory, linked from where the real file was."""
+    path = {"manifest": os.path.join(wd.shards("site0"), shards.MANIFEST),
+            "params": os.path.join(wd.upload("site0"), model_io.PARAMS_FILE),
+            "model.json": os.path.join(wd.upload("site0"), model_io.META_FILE),
+            "head.json": os.path.join(wd.head, "head.json")}[which]
+    target = tmp_path / "outside" / os.path.basename(path)
+    shutil.move(path, target)
+    os.symlink(target, path)
+    with pytest.raises(InputError, match="outside") as e:
+        if which in ("params", "model.json"):
+            _load_upload(config, wd)
+        else:
+            load_all(config, wd)
+    assert path in str(e.value)
+    if which in ("manifest", "head.json"):
+        rc, text = run_verify(wd.root)
+        assert rc != 0 and "outside" in text, text
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests of the wrong types and .npy files that lie (case 5)
 # ---------------------------------------------------------------------------------------------
@@ -384,3 +405,5 @@ def test_a_truncated_backbone_is_reported_with_its_path(config, tmp_path):
     with pytest.raises(InputError, match="cannot be read") as e:
         model_io.load_backbone(out, model)
     assert os.path.join(out, "params") in str(e.value)
+    # the innermost error (the byte range past the truncated end), not TensorStore's wrappers
+    assert "OUT_OF_RANGE" in str(e.value) and "TensorStore details" not in str(e.value)

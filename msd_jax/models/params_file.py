@@ -35,6 +35,7 @@ def load(path: str, template):
     beyond trust.MAX_ABS_VALUE."""
     if not os.path.isfile(path):
         raise trust.InputError(f"{path}: not found (expected a flax msgpack parameter file)")
+    path = trust.contained(path, "this file")
     expected = flax.serialization.to_state_dict(jax.device_get(template))
     limit = 4 * _nbytes(expected) + (1 << 20)  # the template's size, with room for msgpack framing
     size = os.path.getsize(path)

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from msd_jax import trust
 from msd_jax.models import params_file, vit
+from msd_jax.training import checkpoints
 
 PARAMS_FILE = "params.msgpack"
 META_FILE = "model.json"
@@ -77,10 +78,9 @@ def load_backbone(in_dir: str, model_cfg: vit.ViTConfig):
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(path, "params"), abstract)
     except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types for one cause)
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise trust.InputError(f"{os.path.join(path, 'params')}: the backbone's Orbax checkpoint cannot "
-                               f"be read ({type(e).__name__}: {first}); write it again with --mode server "
-                               "or copy it again") from None
+                               f"be read ({checkpoints.error_summary(e)}); write it again with --mode "
+                               "server or copy it again") from None
     for name, tree in params.items():
         for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             trust.check_values(np.asarray(leaf), f"{os.path.join(path, 'params')}: "

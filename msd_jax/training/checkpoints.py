@@ -75,13 +75,25 @@ def leaf_type(leaf: Any) -> Optional[tuple]:
 
 
 def error_summary(e: BaseException, max_chars: int = 500) -> str:
-    """'Type: first line of the message', short enough for a log line: TensorStore appends its
-    spec (kilobytes of JSON) to the line that names the file and the fault."""
-    lines = str(e).strip().splitlines()
-    first = lines[0].split(" [tensorstore_spec=")[0] if lines else ""
-    if len(first) > max_chars:
-        first = first[:max_chars] + "..."
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    """'Type: first line of the message' of the innermost error in `e`'s chain, short enough for a
+    log line. The innermost one names the file and the fault (e.g. OUT_OF_RANGE: a byte range past a
+    truncated file's end); TensorStore wraps it in errors that quote array indices and print their
+    spec (kilobytes of JSON, or a bound method's repr)."""
+    chain, x = [], e
+    while x is not None and len(chain) < 16:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in reversed(chain):
+        lines = str(x).strip().splitlines()
+        first = lines[0] if lines else ""
+        for marker in (" [tensorstore_spec=", " See full TensorStore details", "<bound method"):
+            first = first.split(marker)[0]
+        first = first.strip()
+        if first:
+            if len(first) > max_chars:
+                first = first[:max_chars] + "..."
+            return f"{type(x).__name__}: {first}"
+    return type(e).__name__
 
 
 @contextlib.contextmanager
