@@ -1,5 +1,5 @@
-"""Helpers every test file shares: the repository's config files, and tiny models built from
-base_config() (the one place a default lives) with a few fields changed."""
+"""Helpers every test file shares: the repository's config files, and tiny models and configs built
+from base_config() (the one place a default lives) with a few fields changed."""
 import importlib.util
 import pathlib
 
@@ -51,4 +51,28 @@ def tiny_demo_config(**model_fields):
     """configs/demo.py:quick (the demo's recipe) with TINY_MODEL, then `model_fields`."""
     c = load_config("demo", "quick")
     c.model.update({**TINY_MODEL, **model_fields})
+    return c
+
+
+# The model of the step, baseline and fine-tuning references: TINY_MODEL at twice the width.
+SMALL_MODEL = dict(image_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=1, out_dim=64,
+                   head_hidden_dim=32, head_bottleneck_dim=16)
+
+# Two local views of a quarter of the tokens, and neither lr warm-up nor a frozen last layer: the
+# first step already moves every parameter at the full rate.
+SHORT_MSD = dict(msd=dict(num_local=2, ratio_local=0.25),
+                 optim=dict(warmup_frac=0.0, freeze_last_layer_epochs=0.0))
+
+
+def tiny_config(*updates, start=None, **sections):
+    """`start` (default: base_config() with SMALL_MODEL) with each of `updates`, dicts of section
+    updates such as {"msd": {...}, "train": {...}}, applied in order, then `sections` (model=...,
+    train=..., eval=...)."""
+    c = start
+    if c is None:
+        c = config_lib.base_config()
+        c.model.update(SMALL_MODEL)
+    for update in (*updates, sections):
+        for section, fields in update.items():
+            c[section].update(fields)
     return c

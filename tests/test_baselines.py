@@ -22,24 +22,15 @@ from msd_jax.config import base_config
 from msd_jax.data.sources import ImageSet
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
-from conftest import model_of
+from conftest import SHORT_MSD, SMALL_MODEL, model_of, tiny_config
 from fake_devices import run_script
 from np_reference import np_dino_loss
 
-IMG, PATCH, DIM, OUT = 16, 4, 32, 64
+IMG, PATCH, DIM, OUT = (SMALL_MODEL[k] for k in ("image_size", "patch_size", "embed_dim", "out_dim"))
 
-
-def tiny_config(**groups):
-    c = base_config()
-    c.model.update(dict(embed_dim=DIM, depth=1, num_heads=2, out_dim=OUT, head_hidden_dim=32,
-                        head_bottleneck_dim=16, image_size=IMG, patch_size=PATCH))
-    c.msd.update(dict(num_global=2, ratio_global=0.5, num_local=2, ratio_local=0.25,
-                      momentum_teacher=0.5))
-    c.optim.update(dict(warmup_frac=0.0, freeze_last_layer_epochs=0.0, lr=0.05))
-    c.train.update(dict(batch_size=8, log_every=1))
-    for group, values in groups.items():
-        c[group].update(values)
-    return c
+# On top of SHORT_MSD: a fast teacher and a large lr, so that three steps visibly move the weights;
+# small batches of the few test images, every step logged.
+BASELINES = dict(msd=dict(momentum_teacher=0.5), optim=dict(lr=0.05), train=dict(batch_size=8, log_every=1))
 
 
 def flat(tree):
@@ -188,7 +179,7 @@ def test_flip_of_identity_crop():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_views_shapes_range_and_determinism(channels):
-    c = tiny_config(model=dict(channels=channels))
+    c = tiny_config(SHORT_MSD, BASELINES, model=dict(channels=channels))
     pc = pv.PixelViewConfig.from_config(c)
     assert (pc.global_size, pc.local_size, pc.num_global, pc.num_local) == (16, 8, 2, 2)
     imgs = np.random.default_rng(5).random((4, 16, 16, channels)).astype(np.float32)
@@ -216,7 +207,7 @@ def test_local_size_and_config_errors():
     assert [pv.default_local_size(s, p) for s, p in ((32, 8), (64, 8), (224, 16), (16, 8), (8, 8))] == \
         [16, 32, 112, 8, 8]
     for key, bad in (("local_size", 6), ("global_scale", (0.9, 0.4)), ("flip_prob", 1.5)):
-        c = tiny_config(baselines={key: bad})
+        c = tiny_config(SHORT_MSD, BASELINES, baselines={key: bad})
         with pytest.raises(ValueError, match=rf"config\.baselines\.{key}"):
             pv.PixelViewConfig.from_config(c)
 
@@ -259,7 +250,7 @@ from msd_jax.msd import step as step_lib
 
 out = {}
 for pixel in (False, True):
-    c = tb.tiny_config(train=dict(batch_size=16))
+    c = tb.tiny_config(tb.SHORT_MSD, tb.BASELINES, train=dict(batch_size=16))
     cfg = vit.ViTConfig.from_config(c.model)
     b = 16
     sc = step_lib.StepConfig.from_config(c, cfg.num_patches, 10, 5, b)
@@ -309,7 +300,7 @@ def test_centralized_step_is_data_parallel(tmp_path):
 def test_centralized_msd_step_equals_project_step_on_the_body():
     """One centralized-MSD step updates the student exactly as msd/step.py does on the tokens of
     the same (trainable) head: same views, DINO loss, AdamW, clipping, EMA and centre."""
-    c = tiny_config()
+    c = tiny_config(SHORT_MSD, BASELINES)
     cfg = vit.ViTConfig.from_config(c.model)
     b = 8
     sc = step_lib.StepConfig.from_config(c, cfg.num_patches, 10, 5, b)
@@ -339,7 +330,7 @@ def test_centralized_msd_step_equals_project_step_on_the_body():
 
 
 def test_pixel_dino_step_loss_is_dino_loss_of_pixel_views():
-    c = tiny_config()
+    c = tiny_config(SHORT_MSD, BASELINES)
     cfg = vit.ViTConfig.from_config(c.model)
     b = 4
     sc = step_lib.StepConfig.from_config(c, cfg.num_patches, 10, 5, b)
@@ -377,7 +368,7 @@ def tiny_run(name, metrics_path=None):
     """3 steps of a baseline on 20 tiny images (batch 8), computed once per session."""
     if name not in _RUNS:
         lines = []
-        c = tiny_config()
+        c = tiny_config(SHORT_MSD, BASELINES)
         out = TRAINERS[name](c, model_of(c), _images(20, 3), total_steps=3, metrics_path=metrics_path,
                              log=lines.append)
         _RUNS[name] = (out, lines)
@@ -386,7 +377,7 @@ def tiny_run(name, metrics_path=None):
 
 @pytest.mark.parametrize("name", sorted(TRAINERS))
 def test_centralized_runs(name, tmp_path):
-    c = tiny_config()
+    c = tiny_config(SHORT_MSD, BASELINES)
     cfg = vit.ViTConfig.from_config(c.model)
     imgs = _images(20, 3)
     trainer = TRAINERS[name]
@@ -419,7 +410,7 @@ sys.path.insert(0, sys.argv[1])
 import jax, numpy as np
 assert jax.device_count() == 2, jax.devices()
 import test_baselines as tb
-c = tb.tiny_config()
+c = tb.tiny_config(tb.SHORT_MSD, tb.BASELINES)
 out = tb.centralized.train_pixel_dino(c, tb.model_of(c), tb._images(20, 3), total_steps=3, log=print)
 np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree_util.tree_leaves(out)])
 """
@@ -439,7 +430,7 @@ def test_pixel_dino_on_a_two_device_mesh_matches_one_device(tmp_path):
 
 def test_loop_stops_on_non_finite_metrics():
     """A non-finite metric stops the run with an error naming the metric and the step."""
-    c = tiny_config(train=dict(log_every=1))
+    c = tiny_config(SHORT_MSD, BASELINES, train=dict(log_every=1))
     mesh = step_lib.make_mesh()
 
     def step_fn(state, images, ids, key):
@@ -456,7 +447,7 @@ def test_loop_stops_on_non_finite_metrics():
 
 
 def test_centralized_checkpoint_resume(tmp_path):
-    c = tiny_config()
+    c = tiny_config(SHORT_MSD, BASELINES)
     imgs = _images(16, 4)
     out = centralized.train_centralized_msd(c, model_of(c), imgs, total_steps=2, ckpt_dir=str(tmp_path / "ck"),
                                             log=lambda _: None)
@@ -469,7 +460,7 @@ def test_centralized_checkpoint_resume(tmp_path):
 
 
 def test_centralized_input_errors():
-    c = tiny_config()
+    c = tiny_config(SHORT_MSD, BASELINES)
     with pytest.raises(ValueError, match=r"config\.model\.image_size"):
         centralized.train_pixel_dino(c, model_of(c), np.zeros((8, 32, 32, 1), np.float32), total_steps=1)
     with pytest.raises(ValueError, match="total_steps"):
@@ -491,7 +482,8 @@ def bright_dark(n, seed):
 
 
 def test_supervised_learns_a_separable_set():
-    c = tiny_config(optim=dict(lr=0.01, warmup_frac=0.1), train=dict(batch_size=16, log_every=10))
+    c = tiny_config(SHORT_MSD, BASELINES, optim=dict(lr=0.01, warmup_frac=0.1),
+                    train=dict(batch_size=16, log_every=10))
     train, test = bright_dark(64, 0), bright_dark(48, 1)
     cfg = model_of(c)
     out = supervised.train_supervised(c, cfg, train, total_steps=30, log=lambda _: None)
@@ -511,6 +503,6 @@ def test_supervised_learns_a_separable_set():
 
 
 def test_predict_supervised_errors():
-    c = tiny_config()
+    c = tiny_config(SHORT_MSD, BASELINES)
     with pytest.raises(ValueError, match="classifier"):
         supervised.predict_supervised(c, model_of(c), {"head": {}, "body": {}}, _images(2))

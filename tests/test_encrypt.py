@@ -17,10 +17,9 @@ from msd_jax.data.sites import FederatedData
 from msd_jax.data.sources import ImageSet
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
-from conftest import mode_of, model_of, tiny_demo_config, tiny_model
+from conftest import TINY_MODEL, mode_of, model_of, tiny_config, tiny_demo_config, tiny_model
 
-CFG = tiny_model(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
-                    out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
+CFG = tiny_model(**TINY_MODEL)
 NUM_PATCHES = (16 // 4) ** 2
 MEAN, STD = 0.5, 0.25
 
@@ -148,10 +147,9 @@ def test_site_keys(head):
         encrypt.site_key("zeros", 0, "a")
 
 
-def _config(key_source):
-    c = tiny_demo_config()
-    c.encrypt.update(key_source=key_source, dtype="float32", shard_size=3)
-    return c
+# Tokens stored in float32, so that they equal encrypt_images' output; shards of three images, so that
+# a site of seven fills three.
+SHARDS = dict(encrypt=dict(dtype="float32", shard_size=3))
 
 
 def _imageset(images):
@@ -175,7 +173,7 @@ def test_site_key_never_written(tmp_path, monkeypatch):
         return real_urandom(n)
 
     monkeypatch.setattr(encrypt.os, "urandom", fake_urandom)
-    cfg = _config("urandom")
+    cfg = tiny_config(SHARDS, start=tiny_demo_config(), encrypt=dict(key_source="urandom"))
     imgs = _images(7, seed=9)
     data = FederatedData(sites=[("alpha", _imageset(imgs))], test=_imageset(imgs[:2]), proxy=None)
     wd = Workdir(str(tmp_path / "wd"))
@@ -323,8 +321,7 @@ def test_token_positions_are_the_emitted_order(head, ratio):
 
 
 def test_secret_mode_eval_head_checks_the_fingerprint(tmp_path):
-    cfg = _config("seed")
-    cfg.encrypt.mode = "secret_head"
+    cfg = tiny_config(SHARDS, start=tiny_demo_config(), encrypt=dict(key_source="seed", mode="secret_head"))
     root = str(tmp_path / "wd")
     mode = mode_of(cfg)
     h1, fp1 = encrypt.site_head(cfg, model_of(cfg), mode, root)
@@ -334,8 +331,7 @@ def test_secret_mode_eval_head_checks_the_fingerprint(tmp_path):
     assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(placeholder))
     got = encrypt.eval_head(cfg, CFG, mode, root, placeholder)
     np.testing.assert_array_equal(got["patch_embed"]["kernel"], h1["patch_embed"]["kernel"])
-    other = _config("seed")
-    other.encrypt.mode = "secret_head"
+    other = tiny_config(SHARDS, start=tiny_demo_config(), encrypt=dict(key_source="seed", mode="secret_head"))
     other.seed = 5                                   # another shared key (seed-derived)
     with pytest.raises(ValueError, match="fingerprint"):
         encrypt.eval_head(other, CFG, mode_of(other), root, placeholder)

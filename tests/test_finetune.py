@@ -7,24 +7,19 @@ import numpy as np
 import pytest
 
 from msd_jax.protocols import centralized
-from msd_jax.config import base_config
 from msd_jax.data.sources import ImageSet
 from msd_jax.evaluation import features as features_lib
 from msd_jax.evaluation import finetune as ft
 from msd_jax.training import classifier as classifier_lib
 from msd_jax.evaluation.linear import linear_probe
 from msd_jax.models import vit
+from conftest import SMALL_MODEL, tiny_config
 
-IMG, PATCH, DIM = 16, 4, 32
+IMG, DIM = SMALL_MODEL["image_size"], SMALL_MODEL["embed_dim"]
 
-
-def tiny_config(**eval_keys):
-    c = base_config()
-    c.model.update(dict(embed_dim=DIM, depth=2, num_heads=2, out_dim=64, head_hidden_dim=32,
-                        head_bottleneck_dim=16, image_size=IMG, patch_size=PATCH))
-    c.train.update(dict(log_every=100))
-    c.eval.update(dict(eval_keys))
-    return c
+# Two blocks, so that the layer-wise lr decay has layers to tell apart; a run shorter than 100 steps
+# logs its last step only, unless a test asks for more.
+FINETUNE = dict(model=dict(depth=2), train=dict(log_every=100))
 
 
 def backbone(c):
@@ -49,7 +44,7 @@ def stripes(n, seed):
 
 
 def test_layer_ids_and_scales():
-    c = tiny_config()
+    c = tiny_config(FINETUNE)
     _, head, body = backbone(c)
     params = {"patch_embed": head["patch_embed"], "body": body,
               "classifier": {"kernel": np.zeros((DIM, 2)), "bias": np.zeros(2)}}
@@ -67,7 +62,7 @@ def test_layer_ids_and_scales():
 
 @pytest.mark.parametrize("kind", ["cls", "avgpool", "cls_avgpool"])
 def test_pool_features_match_eval_features(kind):
-    c = tiny_config()
+    c = tiny_config(FINETUNE)
     cfg, head, body = backbone(c)
     imgs = np.random.default_rng(0).random((3, IMG, IMG, 1)).astype(np.float32)
     ref = features_lib.extract_features(head, body, cfg, imgs, mean=0.5, std=0.25)[kind]
@@ -79,8 +74,8 @@ def test_pool_features_match_eval_features(kind):
 
 
 def test_finetune_beats_chance_and_the_loss_falls():
-    c = tiny_config(finetune_batch_size=32, finetune_lr=0.02, finetune_warmup_frac=0.1,
-                    finetune_layer_decay=0.75, finetune_features="cls")
+    c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=32, finetune_lr=0.02, finetune_warmup_frac=0.1,
+                                        finetune_layer_decay=0.75, finetune_features="cls"))
     model, head, body = backbone(c)
     train, test = stripes(96, 0), stripes(64, 1)
     r = ft.finetune(c, model, head, body, train, test, steps=80, seed=0, log=lambda _: None, log_every=10)
@@ -101,7 +96,7 @@ def test_finetune_beats_chance_and_the_loss_falls():
 
 
 def test_finetune_eval_trains_the_head_when_asked_and_is_deterministic():
-    c = tiny_config(finetune_batch_size=16, finetune_lr=0.01)
+    c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=16, finetune_lr=0.01))
     model, head, body = backbone(c)
     train, test = stripes(32, 2), stripes(16, 3)
     out = []
@@ -128,8 +123,8 @@ def test_linear_probe_classifier_on_raw_features_equals_linear_probe():
 
 
 def test_finetune_from_linear_probe_init():
-    c = tiny_config(finetune_batch_size=16, finetune_init="linear_probe", finetune_features="cls",
-                    linear_steps=100)
+    c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=16, finetune_init="linear_probe",
+                                        finetune_features="cls", linear_steps=100))
     model, head, body = backbone(c)
     train, test = stripes(32, 2), stripes(16, 3)
     r = ft.finetune(c, model, head, body, train, test, steps=2, log=lambda _: None)
@@ -142,18 +137,18 @@ def test_finetune_from_linear_probe_init():
 
 
 def test_finetune_errors():
-    c = tiny_config()
+    c = tiny_config(FINETUNE)
     model, head, body = backbone(c)
     train = stripes(8, 0)
     other = ImageSet(train.images, train.labels, ("a", "b"), train.ids)
     with pytest.raises(ValueError, match="class_names"):
         ft.finetune_eval(c, model, head, body, train, other, steps=1, log=lambda _: None)
     with pytest.raises(ValueError, match=r"config\.eval\.finetune_layer_decay"):
-        ft.finetune_eval(tiny_config(finetune_layer_decay=0.0), model, head, body, train, train, steps=1,
-                         log=lambda _: None)
+        ft.finetune_eval(tiny_config(FINETUNE, eval=dict(finetune_layer_decay=0.0)), model, head, body,
+                         train, train, steps=1, log=lambda _: None)
     with pytest.raises(ValueError, match=r"config\.eval\.finetune_init"):
-        ft.finetune_eval(tiny_config(finetune_init="zeros"), model, head, body, train, train, steps=1,
-                         log=lambda _: None)
+        ft.finetune_eval(tiny_config(FINETUNE, eval=dict(finetune_init="zeros")), model, head, body,
+                         train, train, steps=1, log=lambda _: None)
     with pytest.raises(ValueError, match=r"config\.eval\.features"):
-        ft.finetune_eval(tiny_config(finetune_features="pixels"), model, head, body, train, train, steps=1,
-                         log=lambda _: None)
+        ft.finetune_eval(tiny_config(FINETUNE, eval=dict(finetune_features="pixels")), model, head, body,
+                         train, train, steps=1, log=lambda _: None)

@@ -21,8 +21,8 @@ from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 from msd_jax.protocols import centralized
 from msd_jax.training import batches, checkpoints, loop, metrics, tensorboard
-from conftest import model_of
-from test_baselines import _images, tiny_config
+from conftest import SHORT_MSD, model_of, tiny_config
+from test_baselines import BASELINES, _images
 from test_tensorboard import read_scalars
 
 N, B, TOTAL, SCALE = 8, 4, 6, 2.0
@@ -143,7 +143,7 @@ def test_tensorboard_follows_the_off_switch(tmp_path):
 def test_centralized_baseline_writes_tensorboard_and_resumes(tmp_path):
     """The centralized MSD baseline, through the one loop: TensorBoard scalars equal to its metrics
     lines, and a run stopped by a checkpoint resumes to the uninterrupted teacher."""
-    c = tiny_config(train=dict(log_every=1, checkpoint_every=1))
+    c = tiny_config(SHORT_MSD, BASELINES, train=dict(log_every=1, checkpoint_every=1))
     imgs = _images(16, 4)
     quiet = lambda _: None  # noqa: E731
     full = centralized.train_centralized_msd(c, model_of(c), imgs, total_steps=3, ckpt_dir=str(tmp_path / "full"),
@@ -157,7 +157,7 @@ def test_centralized_baseline_writes_tensorboard_and_resumes(tmp_path):
         for r in rows:  # events hold float32
             assert scalars[f"train/{name}"][r["step"]] == pytest.approx(r[name], rel=1e-6, abs=1e-30)
     # the same budget in two runs: the first leaves a checkpoint at step 2 only
-    c2 = tiny_config(train=dict(log_every=1, checkpoint_every=2))
+    c2 = tiny_config(SHORT_MSD, BASELINES, train=dict(log_every=1, checkpoint_every=2))
     part = str(tmp_path / "part")
     centralized.train_centralized_msd(c2, model_of(c2), imgs, total_steps=3, ckpt_dir=part, log=quiet)
     with ocp.CheckpointManager(os.path.abspath(part)) as m:

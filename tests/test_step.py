@@ -16,31 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msd_jax.config import base_config
 from msd_jax.models import vit
 from msd_jax.msd import step as step_lib
 from msd_jax.msd import views as views_lib
+from conftest import SHORT_MSD, SMALL_MODEL, tiny_config
 from fake_devices import run_script
 from np_reference import np_dino_loss, np_softmax
 
-N_TOKENS, DIM, OUT = 16, 32, 64
+N_TOKENS = (SMALL_MODEL["image_size"] // SMALL_MODEL["patch_size"]) ** 2
+DIM, OUT = SMALL_MODEL["embed_dim"], SMALL_MODEL["out_dim"]
 NO_DECAY = {"bias", "scale", "cls_token", "cls_pos_embed", "pos_embed"}
 
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-def tiny_config(**groups):
-    c = base_config()
-    c.model.update(dict(embed_dim=DIM, depth=1, num_heads=2, out_dim=OUT, head_hidden_dim=32,
-                        head_bottleneck_dim=16, image_size=16, patch_size=4))
-    c.msd.update(dict(num_global=2, ratio_global=0.5, num_local=2, ratio_local=0.25))
-    c.optim.update(dict(warmup_frac=0.0, freeze_last_layer_epochs=0.0))
-    for group, values in groups.items():
-        c[group].update(values)
-    return c
-
 
 def build(c, batch, total_steps=100, steps_per_epoch=10, num_heads_out=1, merge=False, seed=0):
     cfg = vit.ViTConfig.from_config(c.model)
@@ -100,7 +90,7 @@ def logits(cfg, params, views, num_views, num_heads_out=1):
 # ---------------------------------------------------------------------------
 
 def test_step_config_from_config():
-    c = tiny_config(optim=dict(lr=0.064, warmup_frac=0.1, freeze_last_layer_epochs=1.5),
+    c = tiny_config(SHORT_MSD, optim=dict(lr=0.064, warmup_frac=0.1, freeze_last_layer_epochs=1.5),
                     msd=dict(ratio_global=0.5, ratio_local=0.2, teacher_temp_warmup_frac=0.3))
     sc = step_lib.StepConfig.from_config(c, 64, total_steps=40, steps_per_epoch=6, batch_size=32)
     assert sc.lr == pytest.approx(0.064 * 32 / 256)       # linear scaling rule
@@ -118,7 +108,7 @@ def test_step_config_from_config():
                                        (dict(ratio_global=1.5), "config.msd.ratio_global")])
 def test_step_config_errors(msd, match):
     with pytest.raises(ValueError, match=match.replace(".", r"\.")):
-        step_lib.StepConfig.from_config(tiny_config(msd=msd), 64, 10, 5, 8)
+        step_lib.StepConfig.from_config(tiny_config(SHORT_MSD, msd=msd), 64, 10, 5, 8)
 
 
 def test_clip_per_tensor():
@@ -147,7 +137,8 @@ TOTAL = 50
 
 def run_steps(num_steps=3):
     """A few self-distillation steps on one fixed batch; host copies of every state."""
-    c = tiny_config(msd=dict(momentum_teacher=MT, center_momentum=CM, teacher_temp=0.05,
+    c = tiny_config(SHORT_MSD,
+                    msd=dict(momentum_teacher=MT, center_momentum=CM, teacher_temp=0.05,
                              warmup_teacher_temp=0.05),
                     optim=dict(lr=LR * 256 / B, weight_decay=WD, weight_decay_end=0.4, clip_grad=CLIP))
     cfg, sc, params, fn, state, mesh = build(c, B, total_steps=TOTAL)
@@ -189,7 +180,7 @@ DEMO_VIEWS, VIT_VIEWS = (2, 32, 6, 13), (2, 118, 8, 39)   # (G, global size, L, 
 def test_backward_passes_cover_every_view_once_in_order(views, batch, min_tokens, expected, monkeypatch):
     # (index of the group's first view, views in the group), by hand from the rule in the docstring
     monkeypatch.setattr(step_lib, "MIN_PASS_TOKENS", min_tokens)
-    sc = dataclasses.replace(step_lib.StepConfig.from_config(tiny_config(), N_TOKENS, 1, 1, batch),
+    sc = dataclasses.replace(step_lib.StepConfig.from_config(tiny_config(SHORT_MSD), N_TOKENS, 1, 1, batch),
                              num_global=views[0], size_global=views[1], num_local=views[2],
                              size_local=views[3])
     # views [B, V, k, D] with entry (b, v) = 100 * v + b (locals offset by 10,000)
@@ -296,7 +287,8 @@ def test_adamw_first_step_arithmetic_and_weight_decay_mask(three_steps):
 @pytest.fixture(scope="module")
 def thirty_steps():
     # a fixed teacher (momentum 1) and a fixed centre: the student distils fixed targets
-    c = tiny_config(msd=dict(momentum_teacher=1.0, center_momentum=1.0, teacher_temp=0.04,
+    c = tiny_config(SHORT_MSD,
+                    msd=dict(momentum_teacher=1.0, center_momentum=1.0, teacher_temp=0.04,
                              warmup_teacher_temp=0.04),
                     optim=dict(lr=3e-5 * 256 / B, freeze_last_layer_epochs=1.0))
     cfg, sc, params, fn, state, mesh = build(c, B, total_steps=200, steps_per_epoch=2, seed=0)
@@ -377,7 +369,7 @@ def test_data_parallel_matches_single_device(three_steps, tmp_path):
 # ---------------------------------------------------------------------------
 
 def test_merge_mode_uses_site_teachers():
-    c = tiny_config(msd=dict(center_momentum=CM, teacher_temp=0.05, warmup_teacher_temp=0.05),
+    c = tiny_config(SHORT_MSD, msd=dict(center_momentum=CM, teacher_temp=0.05, warmup_teacher_temp=0.05),
                     optim=dict(lr=1e-4 * 256 / B))
     cfg, sc, params, fn, state, mesh = build(c, B, num_heads_out=2, merge=True, seed=0)
     init1 = jax.jit(lambda k: vit.init_student(cfg, k, 1))
