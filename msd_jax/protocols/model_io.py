@@ -6,8 +6,10 @@ FedAvg). The final backbone is an Orbax checkpoint others can reuse.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -78,6 +80,7 @@ def load_backbone(in_dir: str, model_cfg: vit.ViTConfig):
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(path, "params"), abstract)
     except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types for one cause)
+        _drop_pending_reads()
         raise trust.InputError(f"{os.path.join(path, 'params')}: the backbone's Orbax checkpoint cannot "
                                f"be read ({checkpoints.error_summary(e)}); write it again with --mode "
                                "server or copy it again") from None
@@ -86,3 +89,15 @@ def load_backbone(in_dir: str, model_cfg: vit.ViTConfig):
             trust.check_values(np.asarray(leaf), f"{os.path.join(path, 'params')}: "
                                                  f"{name}{jax.tree_util.keystr(leaf_path)}")
     return params["head"], params["body"], meta
+
+
+def _drop_pending_reads() -> None:
+    """After a failed restore, Orbax leaves the reads of the other arrays as coroutines that
+    report the same fault again, as pages of 'Exception ignored' tracebacks, when they are
+    collected; collect them now, quietly: the fault is already reported, once, with its file."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
