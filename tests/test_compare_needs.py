@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from msd_jax.data.sites import FederatedData
