@@ -133,7 +133,7 @@ def test_docs_index_links_every_page():
     linked = {os.path.normpath(os.path.join(DOCS, t.partition("#")[0]))
               for t in _links(os.path.join(DOCS, "README.md"))}
     pages = set(glob.glob(os.path.join(DOCS, "*.md"))) - {os.path.join(DOCS, "README.md")}
-    expected = {os.path.join(DOCS, p) for p in ("method.md", "hospitals.md", "config.md",
+    expected = {os.path.join(DOCS, p) for p in ("install.md", "method.md", "hospitals.md", "config.md",
                                                "troubleshooting.md", "privacy.md", "export.md",
                                                "comparison.md", "speed.md")}
     assert not (pages | expected) - linked, f"docs/README.md does not link {sorted(map(_rel, (pages | expected) - linked))}"
@@ -301,6 +301,18 @@ def test_constraints_pin_every_requirement_exactly():
         for name, version in re.findall(r"--no-deps (\S+)==(\S+)", command):
             assert pins.get(_canonical(name)) == version, \
                 f"constraints.txt: {name} {pins.get(_canonical(name))!r}, Quick start installs {version}"
+
+
+def test_install_md_lists_the_pinned_versions():
+    """docs/install.md's table of key versions is the one constraints.txt pins."""
+    pins = _constraints()
+    rows = dict(re.findall(r"^\|\s*([A-Za-z0-9][\w.-]*)\s*\|\s*([0-9][\w.+!-]*)\s*\|\s*$",
+                           _read(os.path.join(DOCS, "install.md")), re.M))
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy", "pydicom")
+    missing = [n for n in names if n not in rows]
+    assert not missing, f"docs/install.md: no `| name | version |` row for {missing}"
+    wrong = {n: (v, pins.get(_canonical(n))) for n, v in rows.items() if pins.get(_canonical(n)) != v}
+    assert not wrong, f"docs/install.md: versions (documented, pinned) differ: {wrong}"
 
 
 def test_constraints_satisfy_setup_cfg_minimums():
