@@ -144,6 +144,18 @@ def test_rescale_and_window_from_tags(tmp_path):
     assert 0 < (got == 0).sum() and 0 < (got == 1).sum()  # the window clips both ends
 
 
+def test_voi_lut_sequence_from_tags(tmp_path):
+    stored = ramp((16, 16), lo=0, hi=255)
+    lut = (20 + np.arange(256) ** 2 // 300).astype(np.uint16)  # 256 entries, 8 bits, 20..236
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.LUTData = lut.astype("<u2").tobytes()
+    path = write_dicom(tmp_path / "lut.dcm", stored, VOILUTSequence=[item],
+                       WindowCenter="10", WindowWidth="20")  # the LUT wins over the window
+    got = only(dicom.read_dicom(path, "auto"))[..., 0]
+    np.testing.assert_allclose(got, lut[stored] / 255.0, atol=1e-6)
+
+
 def test_window_given_in_config_and_none(tmp_path):
     stored = ramp(lo=0, hi=4095)
     path = write_dicom(tmp_path / "w.dcm", stored, RescaleSlope="1", RescaleIntercept="-1000",
@@ -248,7 +260,7 @@ def test_compressed_without_decoder_is_a_clear_error():
         assert part in msg
 
 
-def test_non_image_object_is_named(tmp_path):
+def test_non_image_object_is_named():
     path = sample("rtplan.dcm")
     with pytest.raises(DataError, match="no Pixel Data element"):
         dicom.read_dicom(path)
@@ -338,8 +350,9 @@ def test_folder_error_names_the_compressed_file(tmp_path):
         dst.write(src.read())
     if not _no_decoder("pylibjpeg", "jpeg_ls", "gdcm"):
         pytest.skip("a JPEG-LS decoder is installed")
-    with pytest.raises(DataError, match=r"compressed\.dcm: cannot decode pixel data of transfer syntax "
-                                        r"JPEG-LS Lossless Image Compression \(1\.2\.840\.10008\.1\.2\.4\.80\)"):
+    want = (r"compressed\.dcm: cannot decode pixel data of transfer syntax "
+            r"JPEG-LS Lossless Image Compression \(1\.2\.840\.10008\.1\.2\.4\.80\)")
+    with pytest.raises(DataError, match=want):
         sources.load_folders([site], test, 8, cache_dir=str(tmp_path / "cache"))
 
 
