@@ -139,6 +139,14 @@ def base_config() -> ml_collections.ConfigDict:
         finetune_crop_scale=(0.6, 1.0),
         finetune_features="",
         finetune_init="random",   # new head at N(0, 0.01^2), or 'linear_probe' (LP-FT)
+        # 95% percentile-bootstrap intervals of every accuracy / AUC over the test images (0 = none)
+        bootstrap_resamples=1000,
+        # label efficiency (evaluation/label_efficiency.py): probes fitted on stratified, nested
+        # subsets of the labelled train images, label_draws seeded draws per fraction ('' = off),
+        # each class keeping at least label_min_per_class images (all it has, if fewer)
+        label_fractions="0.01,0.05,0.1,0.25,1.0",
+        label_draws=3,
+        label_min_per_class=2,
     ))
     c.baselines = ml_collections.ConfigDict(dict(
         # the centralized baselines' multi-crop (DINO): random-resized-crop scale ranges (share of
@@ -214,6 +222,14 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
     if c.eval.per_site_min_images < 2:
         raise ValueError(f"config.eval.per_site_min_images: expected >= 2 (a probe needs two classes, so "
                          f"two images at least), got {c.eval.per_site_min_images}")
+    if c.eval.bootstrap_resamples < 0:
+        raise ValueError(f"config.eval.bootstrap_resamples: expected >= 0 (0 = no intervals), got "
+                         f"{c.eval.bootstrap_resamples}")
+    if c.eval.label_draws < 1:
+        raise ValueError(f"config.eval.label_draws: expected >= 1, got {c.eval.label_draws}")
+    if c.eval.label_min_per_class < 1:
+        raise ValueError(f"config.eval.label_min_per_class: expected >= 1 (a probe sees every class), "
+                         f"got {c.eval.label_min_per_class}")
     if c.data.name == "folders" and mode in ("all", "encrypt", "eval"):
         if not c.data.site_dirs:
             raise ValueError("config.data.site_dirs: expected comma-separated site folders with "
@@ -238,6 +254,8 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
                          f"{c.train.collapse_max_entropy_frac}")
     from msd_jax.evaluation.features import parse_kinds  # noqa: PLC0415 (keeps `import config` light)
     parse_kinds(c.eval.features)
+    from msd_jax.evaluation.label_efficiency import parse_fractions  # noqa: PLC0415
+    parse_fractions(c.eval.label_fractions)
     from msd_jax.encryption.modes import EncryptionMode  # noqa: PLC0415
     EncryptionMode.parse(c.encrypt.mode)
     _check_choice(c.encrypt.shared_key_source, ("seed", "urandom"), "encrypt.shared_key_source")

@@ -12,12 +12,16 @@ import numpy as np
 from msd_jax.encryption import encrypt, shards
 from msd_jax.training import train
 from msd_jax.data import sites as sites_lib
-from msd_jax.evaluation import evaluate_with_config
+from msd_jax.evaluation import evaluate_with_config, label_efficiency
 from msd_jax.evaluation.features import extract_features, parse_kinds
+from msd_jax.evaluation.intervals import format_with_ci
 from msd_jax.protocols import model_io, model_upload, token_upload
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
 from msd_jax.encryption.modes import EncryptionMode
+
+
+RANDOM_INIT = "random init"  # the baseline backbone's name in report tables and label-efficiency rows
 
 
 def _record(wd: Workdir, phase: str, **fields) -> None:
@@ -159,16 +163,31 @@ def run_eval(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
 
     f_train, f_test = features(body_params)
     trained = probe(f_train, f_test)
-    report = {"protocol": meta.get("protocol", config.protocol), "sites": _site_traffic(config, wd),
+    protocol = meta.get("protocol", config.protocol)
+    report = {"protocol": protocol, "sites": _site_traffic(config, wd),
               "features": kinds[0], "eval": trained[kinds[0]], "eval_by_features": trained}
+    backbones = {protocol: (f_train[kinds[0]], f_test[kinds[0]])}
     if ev.random_init_baseline:
-        baseline = probe(*features(train.init_student_params(config, model)["body"]))
+        b_train, b_test = features(train.init_student_params(config, model)["body"])
+        baseline = probe(b_train, b_test)
         report["baseline_random_init"] = baseline[kinds[0]]
         report["baseline_random_init_by_features"] = baseline
+        backbones[RANDOM_INIT] = (b_train[kinds[0]], b_test[kinds[0]])
     if ev.per_site:
         report["eval_by_site"] = _eval_by_site(config, data, f_train[kinds[0]], f_test[kinds[0]], log)
+    fractions = label_efficiency.parse_fractions(ev.label_fractions)
+    label_s = None
+    if fractions:
+        l0 = time.perf_counter()
+        report["label_efficiency"] = {
+            "fractions": fractions, "features": kinds[0], "draws": int(ev.label_draws),
+            "rows": label_efficiency.run_probes(config, backbones, train_set.labels, test_set.labels,
+                                                num_classes, fractions)}
+        label_s = round(time.perf_counter() - l0, 2)
     records = _read_records(wd)
     timing = {k: round(v["seconds"], 2) for k, v in records.items() if "seconds" in v}
+    if label_s is not None:
+        timing["eval_label_efficiency"] = label_s
     timing["eval"] = round(time.perf_counter() - t0, 2)
     report.update(
         timing_s=timing,
@@ -221,6 +240,13 @@ def run_eval(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
                 os.path.join(plot_dir, "site_accuracy.png"), feature=kinds[0]))
     except Exception as e:  # noqa: BLE001
         log(f"[eval] site accuracy not drawn: {type(e).__name__}: {e}")
+    try:
+        if report.get("label_efficiency", {}).get("rows"):
+            from msd_jax.evaluation import plots as plots_lib  # noqa: PLC0415
+            plots.append(plots_lib.label_efficiency(report["label_efficiency"],
+                                                    os.path.join(plot_dir, "label_efficiency.png")))
+    except Exception as e:  # noqa: BLE001
+        log(f"[eval] label efficiency not drawn: {type(e).__name__}: {e}")
     report["plots"] = plots
     _write_report(wd, report)
     return report
@@ -301,20 +327,47 @@ def _write_report(wd: Workdir, report: dict) -> None:
 
 
 def results_table(report: dict) -> str:
+    """The report as text: probes of each backbone and feature kind (value [95% interval]), the
+    per-site probes, the label-efficiency rows, the traffic and the timing."""
     rows = [("backbone", "features", "kNN acc", "kNN AUC", "linear acc", "linear AUC")]
     for name, key in ((report["protocol"], "eval_by_features"),
-                      ("random init", "baseline_random_init_by_features")):
+                      (RANDOM_INIT, "baseline_random_init_by_features")):
         for kind, r in report.get(key, {}).items():
-            rows.append((name, kind, f"{r['knn']['accuracy']:.4f}", f"{r['knn']['auc']:.4f}",
-                         f"{r['linear']['accuracy']:.4f}", f"{r['linear']['auc']:.4f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+            rows.append((name, kind, *(format_with_ci(r[p], m) for p in ("knn", "linear")
+                                       for m in ("accuracy", "auc"))))
+    lines = _aligned(rows)
     lines += _site_lines(report.get("eval_by_site", {}), report["features"])
+    lines += _label_efficiency_lines(report.get("label_efficiency"))
     up = sum(s["bytes_uploaded"] for s in report["sites"])
     lines.append(f"sites: {len(report['sites'])}, uploaded {up / 2**20:.2f} MiB in one round; "
                  f"timing (s): {report['timing_s']}")
     return "\n".join(lines)
+
+
+def _ci_suffix(r: dict) -> str:
+    ci = r.get("accuracy_ci95")
+    return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _aligned(rows: list[tuple]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _label_efficiency_lines(block: dict | None) -> list[str]:
+    """The label-efficiency rows: mean over draws ± std, [95% interval of the mean]."""
+    if not block or not block.get("rows"):
+        return []
+    rows = [("backbone", "probe", "fraction", "labelled", "draws", "accuracy (± std)", "AUC (± std)")]
+    for r in block["rows"]:
+        rows.append((r["backbone"], r["method"], f"{r['fraction']:g}", str(r["num_labelled"]), str(r["draws"]),
+                     f"{format_with_ci(r, 'accuracy')} ±{r['accuracy_std']:.3f}",
+                     f"{format_with_ci(r, 'auc')} ±{r['auc_std']:.3f}"))
+    return [f"label efficiency ({block.get('features', '')} features; probes fitted on stratified, "
+            f"nested subsets of the labelled train images; mean over draws [95% interval] ± std "
+            f"across draws):"] + ["  " + line for line in _aligned(rows)]
 
 
 def _site_lines(by_site: dict, feature: str) -> list[str]:
@@ -326,6 +379,7 @@ def _site_lines(by_site: dict, feature: str) -> list[str]:
         if r.get("knn") is None:
             lines.append(f"  {site} (n={r['num_images']}): skipped: {r.get('skipped', 'no result')}")
         else:
-            lines.append(f"  {site} (n={r['num_images']}): kNN acc {r['knn']['accuracy']:.4f}, "
-                         f"linear acc {r['linear']['accuracy']:.4f}")
+            lines.append(f"  {site} (n={r['num_images']}): kNN acc {r['knn']['accuracy']:.4f}"
+                         f"{_ci_suffix(r['knn'])}, linear acc {r['linear']['accuracy']:.4f}"
+                         f"{_ci_suffix(r['linear'])}")
     return lines

@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from msd_jax.evaluation.intervals import scores_with_intervals
 from msd_jax.evaluation.knn import knn_predict
-from msd_jax.evaluation.metrics import (_check_features, _check_labels, _check_num_classes, accuracy,
-                                        check_probe_inputs, roc_auc)
+from msd_jax.evaluation.metrics import _check_features, _check_labels, _check_num_classes, check_probe_inputs
 
 __all__ = ["linear_probe", "evaluate_features"]
 
@@ -124,11 +124,14 @@ def linear_probe(train_features, train_labels, test_features, num_classes: int, 
 
 def evaluate_features(train_features, train_labels, test_features, test_labels, num_classes, *,
                       knn_k: int, knn_temperature: float, linear_steps: int, linear_optimizer: str,
-                      linear_lr: float, linear_weight_decay: float, seed: int) -> dict:
+                      linear_lr: float, linear_weight_decay: float, seed: int,
+                      bootstrap_resamples: int = 0) -> dict:
     """Run both probes and score them on the test set.
 
     Returns {"knn": {"accuracy": float, "auc": float}, "linear": {"accuracy": float,
-    "auc": float}}; auc is nan where undefined (a single class in test_labels).
+    "auc": float}}; auc is nan where undefined (a single class in test_labels). With
+    bootstrap_resamples > 0 each also holds "accuracy_ci95" and "auc_ci95" [low, high]
+    (intervals.scores_with_intervals, resampled from `seed`: both probes on the same resamples).
     """
     num_classes = _check_num_classes(num_classes)
     test_features = _check_features(test_features, "test_features")
@@ -138,12 +141,8 @@ def evaluate_features(train_features, train_labels, test_features, test_labels, 
     lin_probs = linear_probe(train_features, train_labels, test_features, num_classes,
                              steps=linear_steps, learning_rate=linear_lr,
                              weight_decay=linear_weight_decay, seed=seed, optimizer=linear_optimizer)
-    return {
-        "knn": {"accuracy": accuracy(knn_probs, test_labels),
-                "auc": roc_auc(knn_probs, test_labels)},
-        "linear": {"accuracy": accuracy(lin_probs, test_labels),
-                   "auc": roc_auc(lin_probs, test_labels)},
-    }
+    return {name: scores_with_intervals(probs, test_labels, resamples=bootstrap_resamples, seed=seed)
+            for name, probs in (("knn", knn_probs), ("linear", lin_probs))}
 
 
 def evaluate_with_config(config, f_train, y_train, f_test, y_test, num_classes: int) -> dict:
@@ -153,4 +152,4 @@ def evaluate_with_config(config, f_train, y_train, f_test, y_test, num_classes: 
     return evaluate_features(f_train, y_train, f_test, y_test, num_classes, knn_k=ev.knn_k,
                              knn_temperature=ev.knn_temperature, linear_steps=ev.linear_steps,
                              linear_optimizer=ev.linear_optimizer, linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
-                             seed=config.seed)
+                             seed=config.seed, bootstrap_resamples=ev.bootstrap_resamples)

@@ -137,3 +137,35 @@ def site_accuracy(by_site: dict, pooled: dict, random_init: dict | None, out_png
     finally:
         plt.close(fig)
     return out_png
+
+
+def label_efficiency(block: dict, out_png: str) -> str:
+    """Test accuracy and AUC against the labelled fraction (log x), one line per backbone and probe
+    with its 95% interval as a band; `block` is report['label_efficiency']."""
+    rows = block["rows"]
+    lines = list(dict.fromkeys((r["backbone"], r["method"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    try:
+        for ax, metric, title in ((axes[0], "accuracy", "test accuracy"), (axes[1], "auc", "test ROC-AUC")):
+            for backbone, method in lines:
+                pts = sorted((r["fraction"], r[metric], r.get(f"{metric}_ci95")) for r in rows
+                             if (r["backbone"], r["method"]) == (backbone, method))
+                xs = [p[0] for p in pts]
+                line, = ax.plot(xs, [p[1] for p in pts], marker="o", label=f"{backbone}, {method}",
+                                ls="--" if backbone == "random init" else "-")
+                bands = [p[2] for p in pts]
+                if all(b is not None for b in bands):
+                    ax.fill_between(xs, [b[0] for b in bands], [b[1] for b in bands],
+                                    color=line.get_color(), alpha=0.15, lw=0)
+            ax.set_xscale("log")
+            fractions = sorted({r["fraction"] for r in rows})
+            ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
+            ax.minorticks_off()
+            ax.set_xlabel("labelled train images (fraction)")
+            ax.set_title(title + " (mean over draws, 95% interval)", fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        _save(fig, out_png)
+    finally:
+        plt.close(fig)
+    return out_png
