@@ -25,4 +25,5 @@ def get_config(arg=None):
         c.train.update(num_steps=4, site_steps=4, batch_size=16, log_every=2, checkpoint_every=2)
         c.merge.num_steps = 4
         c.eval.linear_steps = 50
+        c.eval.update(label_fractions="0.25,1.0", label_draws=1, bootstrap_resamples=200)
     return c

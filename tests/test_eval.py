@@ -278,3 +278,9 @@ def test_evaluate_features_structure_and_values():
         assert probe["accuracy"] >= 0.95 and probe["auc"] >= 0.98
     with pytest.raises(ValueError, match="test_labels.*expected 60"):
         evaluate_features(x[:120], y[:120], x[120:], y[121:], 3, **probes)
+    # with resamples, each also holds its 95% bootstrap intervals around the same point values
+    with_ci = evaluate_features(x[:120], y[:120], x[120:], y[120:], 3, bootstrap_resamples=50, **probes)
+    for name, probe in with_ci.items():
+        assert set(probe) == {"accuracy", "auc", "accuracy_ci95", "auc_ci95"}
+        assert probe["accuracy"] == res[name]["accuracy"] and probe["auc"] == res[name]["auc"]
+        assert probe["accuracy_ci95"][0] <= probe["accuracy"] <= probe["accuracy_ci95"][1]

@@ -322,14 +322,44 @@ def test_run_eval_by_site(tmp_path):
     assert scalars["eval_by_site_cls/a/linear_accuracy"][0] == pytest.approx(by_site["a"]["linear"]["accuracy"])
     assert not [k for k in scalars if k.startswith(("eval_by_site_cls/b/", "eval_by_site_cls/c/"))]
     assert "eval_random_init/cls/linear_auc" in scalars
+    # every metric dict carries its 95% bootstrap intervals, and the table prints them
+    for r in (report["eval"]["knn"], report["eval"]["linear"], report["baseline_random_init"]["linear"],
+              by_site["a"]["knn"], by_site["a"]["linear"]):
+        for metric in ("accuracy", "auc"):
+            low, high = r[f"{metric}_ci95"]
+            assert low <= r[metric] <= high
+    acc = report["eval"]["linear"]
+    assert (f"{acc['accuracy']:.3f} [{acc['accuracy_ci95'][0]:.3f}, {acc['accuracy_ci95'][1]:.3f}]"
+            in table)
+    # label efficiency: both backbones, both probes, every default fraction; the train split holds
+    # 7 + 4 images, so every fraction below 1 takes the class minimum of 2 + 2
+    block = saved_report(wd)["label_efficiency"]
+    assert block["fractions"] == [0.01, 0.05, 0.1, 0.25, 1.0]
+    assert {(r["backbone"], r["method"]) for r in block["rows"]} == {
+        (b, m) for b in ("token_upload", "random init") for m in ("knn", "linear")}
+    assert sorted({(r["fraction"], r["num_labelled"]) for r in block["rows"]}) == [
+        (0.01, 4), (0.05, 4), (0.1, 4), (0.25, 4), (1.0, 11)]
+    full = [r for r in block["rows"] if r["fraction"] == 1.0 and r["backbone"] == "token_upload"]
+    assert {r["method"]: r["accuracy"] for r in full} == {
+        m: pytest.approx(report["eval"][m]["accuracy"]) for m in ("knn", "linear")}
+    assert "label efficiency (cls features" in table
+    le_png = str(tmp_path / "plots" / "label_efficiency.png")
+    assert le_png in report["plots"]
+    check_png(le_png)
+
+
+def saved_report(wd):
+    with open(wd.report) as f:
+        return json.load(f)
 
 
 def test_run_eval_per_site_off(tmp_path):
     from msd_jax import parties
     c, wd, data, *_ = _eval_case(tmp_path)
-    c.eval.update(per_site=False, random_init_baseline=False)
+    c.eval.update(per_site=False, random_init_baseline=False, label_fractions="")
     c.train.tensorboard = False
     report = parties.run_eval(c, model_of(c), mode_of(c), wd, data, log=lambda *_: None)
     assert "eval_by_site" not in report
-    assert not any(p.endswith("site_accuracy.png") for p in report["plots"])
+    assert not any(p.endswith(("site_accuracy.png", "label_efficiency.png")) for p in report["plots"])
+    assert "label_efficiency" not in report
     assert not os.path.exists(wd.tensorboard("eval"))

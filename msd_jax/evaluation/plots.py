@@ -144,6 +144,10 @@ def label_efficiency(block: dict, out_png: str) -> str:
     with its 95% interval as a band; `block` is report['label_efficiency']."""
     rows = block["rows"]
     lines = list(dict.fromkeys((r["backbone"], r["method"]) for r in rows))
+    backbones = list(dict.fromkeys(b for b, _ in lines))
+    methods = list(dict.fromkeys(m for _, m in lines))
+    # colour: the method; line style: the backbone (the pipeline's solid, the random init dashed)
+    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     try:
         for ax, metric, title in ((axes[0], "accuracy", "test accuracy"), (axes[1], "auc", "test ROC-AUC")):
@@ -152,7 +156,8 @@ def label_efficiency(block: dict, out_png: str) -> str:
                              if (r["backbone"], r["method"]) == (backbone, method))
                 xs = [p[0] for p in pts]
                 line, = ax.plot(xs, [p[1] for p in pts], marker="o", label=f"{backbone}, {method}",
-                                ls="--" if backbone == "random init" else "-")
+                                color=f"C{methods.index(method)}",
+                                ls=styles[backbones.index(backbone) % len(styles)])
                 bands = [p[2] for p in pts]
                 if all(b is not None for b in bands):
                     ax.fill_between(xs, [b[0] for b in bands], [b[1] for b in bands],
