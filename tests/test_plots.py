@@ -260,7 +260,8 @@ def _eval_case(tmp_path):
     c = base_config()
     c.model.update(image_size=16, patch_size=4, channels=1, embed_dim=16, depth=1, num_heads=2,
                    out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
-    c.eval.update(features="cls", knn_k=1, linear_steps=30, batch_size=8, per_site_min_images=6)
+    c.eval.update(features="cls", knn_k=1, linear_steps=30, batch_size=8, per_site_min_images=6, label_draws=2,
+                  bootstrap_resamples=200)
     key = jax.random.key(0)
     rnd = lambda i, n: np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (n, 16, 16, 1)))  # noqa: E731
 
