@@ -1,0 +1,257 @@
+"""The single round over Flower on a real local deployment: one SuperLink and two SuperNodes
+started as processes on 127.0.0.1, each SuperNode with its own site folder and work directory, the
+round submitted with `python -m msd_jax.protocols.flower.launch`. Its shards must equal, byte for
+byte, those of the file-copy flow (`--mode encrypt` with the same seed); a site killed mid-upload
+must fail the round with a message naming it and leave no shard folder behind."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from msd_jax.encryption import verify
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SITES = ("hospital_a", "hospital_b")
+CONFIG = ["--config.model.image_size=16", "--config.model.patch_size=4", "--config.model.embed_dim=16",
+          "--config.model.num_heads=2", "--config.model.out_dim=32", "--config.model.head_hidden_dim=16",
+          "--config.model.head_bottleneck_dim=8", "--config.msd.num_local=0", "--config.train.batch_size=8"]
+
+
+def make_folder(folder, seed, per_class=6):
+    rng = np.random.default_rng(seed)
+    for cls, base in (("bright", 190), ("dark", 60)):
+        os.makedirs(folder / cls)
+        for i in range(per_class):
+            arr = np.clip(base + rng.normal(0, 25, (20, 20)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr, "L").save(folder / cls / f"img{i:02d}.png")
+    return str(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flower")
+    sites = {name: make_folder(root / "data" / name, i + 1) for i, name in enumerate(SITES)}
+    # the Flower processes start each other by name (flower-superexec) from PATH
+    environ = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                   JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="3")
+    overrides = CONFIG + [f"--config.data.cache_dir={root / 'tfds_cache'}"]
+    return {"root": root, "sites": sites, "env": environ, "overrides": overrides}
+
+
+class Deployment:
+    """A SuperLink and one SuperNode per site; killing one kills the Flower processes it started too
+    (SuperExec runs in a session of its own)."""
+
+    def __init__(self, env, tag):
+        self.env, self.root = env, env["root"] / tag
+        self.port = free_port()
+        self.procs = {}
+        self.start("superlink", ["flower-superlink", "--insecure", f"--port={self.port}",
+                                 "--disable-runtime-dependency-installation"])
+        for name, folder in env["sites"].items():
+            node_config = f'workdir="{self.root / "site_w" / name}" site-dir="{folder}"'
+            self.start(name, ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{self.port}",
+                              f"--port={free_port()}", "--node-config", node_config])
+
+    def start(self, name, args):
+        home = self.root / "flwr_home" / name
+        home.mkdir(parents=True)
+        log = open(self.root / f"{name}.log", "w")
+        exe = os.path.join(os.path.dirname(sys.executable), args[0])
+        self.procs[name] = subprocess.Popen([exe, *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                            env=dict(self.env["env"], FLWR_HOME=str(home)),
+                                            start_new_session=False)
+
+    def kill(self, name):
+        proc = self.procs.pop(name)
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in [proc, *tree]:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        proc.wait(timeout=30)
+
+    def close(self):
+        for name in list(self.procs):
+            self.kill(name)
+
+    def logs(self):
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+    def run_round(self, workdir, *extra):
+        args = [sys.executable, "-m", "msd_jax.protocols.flower.launch", "--config", "configs/demo.py:quick",
+                f"--workdir={workdir}", "--num-sites=2", f"--superlink=127.0.0.1:{self.port}", "--insecure",
+                "--connect-timeout=120", *extra, *self.env["overrides"]]
+        return subprocess.Popen(args, cwd=REPO, env=self.env["env"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def deployment(env):
+    d = Deployment(env, "deployment")
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def file_copy_round(env, workdir):
+    """The reference: --mode encrypt of both sites, by hand (it makes the head from the same seed as
+    --mode setup)."""
+    sites = ",".join(env["sites"].values())
+    proc = subprocess.run([sys.executable, "-m", "msd_jax.main", "--config", "configs/demo.py:quick",
+                           f"--workdir={workdir}", "--mode=encrypt", *env["overrides"],
+                           "--config.data.name=folders", f"--config.data.site_dirs={sites}",
+                           f"--config.data.test_dir={env['sites'][SITES[0]]}"],
+                          cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def folder_files(path):
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def test_round_equals_the_file_copy_flow(env, deployment):
+    flower_w, copy_w = env["root"] / "server_w", env["root"] / "copy_w"
+    t0 = time.perf_counter()
+    proc = deployment.run_round(flower_w, "--chunk-mib=0.004")
+    out, err = proc.communicate(timeout=600)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, f"{out}\n{err}\n{deployment.logs()}"
+    t1 = time.perf_counter()
+    file_copy_round(env, copy_w)
+    copy_wall = time.perf_counter() - t1
+    for site in SITES:
+        got = folder_files(flower_w / "shards" / site)
+        assert got == folder_files(copy_w / "shards" / site), site
+        assert len(got) >= 2  # the manifest and at least one shard
+    assert folder_files(flower_w / "head") == folder_files(copy_w / "head")
+    assert sorted(os.listdir(flower_w / "shards")) == sorted(SITES)  # no staging folder left
+    assert verify.main([str(flower_w)], out=open(os.devnull, "w")) == 0
+    record = json.load(open(flower_w / "records" / "flower.json"))
+    for site in SITES:
+        want = sum(len(b) for b in folder_files(copy_w / "shards" / site).values())
+        assert record["sites"][site]["bytes_uploaded"] == want
+        assert record["sites"][site]["chunks"] > len(folder_files(copy_w / "shards" / site))  # chunked
+    print(f"\nflower round: {wall:.1f} s wall ({record['seconds']:.1f} s in the ServerApp), file copy "
+          f"(--mode encrypt of both sites): {copy_wall:.1f} s; {record['sites']}\n{out}")
+
+
+def test_site_dropping_out_mid_upload_writes_nothing(env, deployment):
+    """A site stops serving its upload after the server has received part of it: its ClientApp
+    fails on the next chunk (its staged file is gone). (A killed SuperNode ends the same way, only
+    later: after --chunk-timeout, or when the SuperLink's heartbeat marks it offline.)"""
+    workdir = env["root"] / "server_dropout"
+    proc = deployment.run_round(workdir, "--chunk-mib=0.0005")
+    staging = workdir / "shards"
+    site_file = deployment.root / "site_w" / SITES[1] / "shards" / SITES[1] / "tokens-00000.npy"
+    broken = False
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline and not broken:
+        partial = list(staging.glob(f".tmp-shards-{SITES[1]}-*/*")) if staging.is_dir() else []
+        if any(p.stat().st_size > 0 for p in partial):
+            os.truncate(site_file, 0)
+            broken = True
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=600)
+    assert broken, f"the upload finished before the site could drop out\n{out}\n{err}"
+    assert proc.returncode == 1, f"{out}\n{err}\n{deployment.logs()}"
+    assert f"site {SITES[1]}" in err and "dropped out during the upload" in err, err
+    assert "changed since it was listed" in err, err
+    assert not staging.exists() or os.listdir(staging) == [], os.listdir(staging)
+    assert not (workdir / "uploads").exists()
+
+
+# The transfer on its own (no deployment): what a site offers, what the server accepts.
+
+def _site_upload(root, site="hospital_a"):
+    from msd_jax.encryption import shards
+    tokens = np.random.default_rng(0).normal(size=(5, 4, 3)).astype(np.float32)
+    shards.write_shards(str(root / "shards" / site), site, tokens, dtype="float32",
+                        head_fingerprint="0" * 64, shard_size=2)
+    return root
+
+
+def test_a_site_serves_only_the_files_it_listed(tmp_path):
+    from msd_jax.protocols.flower import transfer
+    from msd_jax.trust import InputError
+    root = _site_upload(tmp_path)
+    (root / "site_secret").mkdir()
+    (root / "site_secret" / "shared_key").write_bytes(b"k" * 32)
+    listing = transfer.list_upload(str(root), "hospital_a", ["shards", "head"])
+    assert [e["file"] for e in listing] == ["manifest.json", "tokens-00000.npy", "tokens-00001.npy",
+                                            "tokens-00002.npy"]
+    data = open(root / "shards" / "hospital_a" / "tokens-00001.npy", "rb").read()
+    assert transfer.read_chunk(str(root), "hospital_a", listing, "shards", "tokens-00001.npy", 3, 7) == data[3:10]
+    for kind, name in (("head", "../site_secret/shared_key"), ("shards", "../../site_secret/shared_key"),
+                       ("shards", "other.npy")):
+        with pytest.raises(InputError, match="not a file this site offered"):
+            transfer.read_chunk(str(root), "hospital_a", listing, kind, name, 0, 1)
+    with pytest.raises(InputError, match="outside"):
+        transfer.read_chunk(str(root), "hospital_a", listing, "shards", "tokens-00001.npy", len(data) - 1, 2)
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"kind": "shards", "file": "../x.npy", "bytes": 1, "sha256": "0" * 64}, "not a file a shards folder"),
+    ({"kind": "head", "file": "head.msgpack", "bytes": 1, "sha256": "0" * 64}, "not a file a head folder"),
+    ({"kind": "uploads", "file": "model.json", "bytes": 1, "sha256": "0" * 64}, "not asked for"),
+    ({"kind": "shards", "file": "tokens-00000.npy", "bytes": -1, "sha256": "0" * 64}, "expected an integer"),
+    ({"kind": "shards", "file": "tokens-00000.npy", "bytes": 1, "sha256": "xyz"}, "64 lowercase hex"),
+    ({"kind": "shards", "file": "tokens-00000.npy", "bytes": 2**31, "sha256": "0" * 64}, "more than"),
+])
+def test_the_server_refuses_a_bad_listing(entry, match):
+    from msd_jax.protocols.flower import transfer
+    from msd_jax.trust import InputError
+    manifest = {"kind": "shards", "file": "manifest.json", "bytes": 10, "sha256": "a" * 64}
+    with pytest.raises(InputError, match=match):
+        transfer.check_listing("hospital_a", [manifest, entry], ["shards", "head"], 2**30)
+
+
+def test_staging_commits_whole_verified_folders_or_nothing(tmp_path):
+    from msd_jax.protocols.flower import transfer
+    from msd_jax.trust import InputError
+    site_root = _site_upload(tmp_path / "site")
+    listing = transfer.list_upload(str(site_root), "hospital_a", ["shards"])
+    server = tmp_path / "server"
+
+    def fetch(corrupt=False):
+        staging = transfer.Staging(str(server))
+        for kind, name, offset, length in transfer.chunk_plan(listing, 100):
+            data = transfer.read_chunk(str(site_root), "hospital_a", listing, kind, name, offset, length)
+            if corrupt and name == "tokens-00002.npy" and offset == 0:
+                data = bytes([data[0] ^ 1]) + data[1:]
+            staging.write(kind, "hospital_a", name, offset, data)
+        return staging
+
+    staging = fetch(corrupt=True)
+    with pytest.raises(InputError, match="SHA-256 differs"):
+        staging.check_files("hospital_a", listing)
+    staging.discard()
+    assert os.listdir(server / "shards") == []
+    staging = fetch()
+    staging.check_files("hospital_a", listing)
+    assert sorted(os.listdir(server / "shards")) == [f".tmp-shards-hospital_a-{staging.token}"]
+    staging.commit(["hospital_a"])
+    assert os.listdir(server / "shards") == ["hospital_a"]
+    assert folder_files(server / "shards" / "hospital_a") == folder_files(site_root / "shards" / "hospital_a")
