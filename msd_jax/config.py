@@ -215,6 +215,9 @@ def _check_distributed(d: ml_collections.ConfigDict, multihost: bool, mode: str)
     for key in ("timeout_s", "heartbeat_timeout_s"):
         if d[key] < 1:
             raise ValueError(f"config.distributed.{key}: expected >= 1 (seconds), got {d[key]}")
+    if multihost and mode != "server":
+        raise ValueError(f"config.multihost: several processes run --mode server only (the server's "
+                         f"training), not --mode {mode}")
     if not d.coordinator:
         return
     if multihost:

@@ -66,8 +66,8 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
                 f"{mesh.devices.size} {jax.default_backend()} device(s){describe}")
         if start < end and jax.process_count() > 1:
             first = order(start)
-            step_fn = compiled_together(step_fn, state, step_lib.shard_batch(mesh, *(a[first] for a in arrays), first),
-                                        key, step_args)
+            batch = step_lib.shard_batch(mesh, *(a[first] for a in arrays), first)
+            step_fn = compiled_together(step_fn, state, batch, key, step_args)
         step_log = StepLog(party, total_steps, log, metrics_path,
                            tensorboard_dir if config.train.tensorboard else None, on_log)
         closing.callback(step_log.close)
@@ -94,7 +94,8 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
     return jax.device_get(state)
 
 
-def compiled_together(step_fn: Callable, state: Any, batch: tuple, key: jax.Array, step_args: tuple) -> Callable:
+def compiled_together(step_fn: Callable, state: Any, batch: tuple, key: jax.Array,
+                      step_args: tuple) -> Callable:
     """`step_fn` compiled for these arguments, once every process has compiled it: the processes
     then start the first step (whose collectives open the CPU collectives' connections, with a
     fixed 30 s deadline) together, however long each took to compile."""
