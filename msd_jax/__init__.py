@@ -4,6 +4,7 @@ The packages follow the data flow, and a module imports only from its own stage 
 
   trust.py       the one error of untrusted input, paths kept inside their folder, value checks
   layout.py      where each party reads and writes inside a work directory; site names as paths
+  distributed.py several processes on jax.distributed: start-up, the writing process, barriers
   data/          images: Br35H and image folders, site partitions, pixel augmentations
   models/        the ViT: head (patch + position embedding), body, DINO head; bf16 matmuls
   encryption/    the site transform: head, permutation, modes, shards + manifests, verification

@@ -21,7 +21,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.job = "pipeline"            # 'pipeline' | 'compare' (configs/compare.py) | 'audit' (configs/audit.py)
     c.seed = 0
     c.protocol = "token_upload"   # 'token_upload' (the paper's) | 'model_upload'
-    c.multihost = False           # call jax.distributed.initialize() first (multi-host TPU/GPU)
+    # several processes (hosts) train the server's model together on jax.distributed (docs/distributed.md)
+    c.multihost = False           # start it from the launcher's environment (SLURM, Open MPI, Cloud TPU)
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator="",           # 'HOST:PORT' of process 0: start it explicitly; '' = not (or multihost)
+        num_processes=1,          # with coordinator: how many processes take part
+        process_id=0,             # with coordinator: this process's index, 0 .. num_processes - 1
+        # seconds to wait for every process at start-up, and without a heartbeat from a process
+        # before the others stop with an error naming it (instead of hanging in a collective)
+        timeout_s=300,
+        heartbeat_timeout_s=100,
+    ))
 
     c.model = ml_collections.ConfigDict(dict(
         variant="custom",         # 'Ti' | 'S' | 'B' set embed_dim/depth/num_heads; 'custom' uses them
@@ -209,11 +219,37 @@ def resolve_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def _check_distributed(d: ml_collections.ConfigDict, multihost: bool, mode: str) -> None:
+    for key in ("timeout_s", "heartbeat_timeout_s"):
+        if d[key] < 1:
+            raise ValueError(f"config.distributed.{key}: expected >= 1 (seconds), got {d[key]}")
+    if multihost and mode != "server":
+        raise ValueError(f"config.multihost: several processes run --mode server only (the server's "
+                         f"training), not --mode {mode}")
+    if not d.coordinator:
+        return
+    if multihost:
+        raise ValueError("config.distributed.coordinator: set either it (explicit start) or "
+                         "config.multihost (the launcher's environment), not both")
+    host, _, port = d.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"config.distributed.coordinator: expected 'HOST:PORT', got {d.coordinator!r}")
+    if d.num_processes < 1:
+        raise ValueError(f"config.distributed.num_processes: expected >= 1, got {d.num_processes}")
+    if not 0 <= d.process_id < d.num_processes:
+        raise ValueError(f"config.distributed.process_id: expected 0 .. {d.num_processes - 1} "
+                         f"(config.distributed.num_processes={d.num_processes}), got {d.process_id}")
+    if mode != "server":
+        raise ValueError(f"config.distributed.coordinator: several processes run --mode server only "
+                         f"(the server's training), not --mode {mode}")
+
+
 def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.ConfigDict:
     """Checks the values that would otherwise fail deep inside a run. `mode` (--mode): the image
     folders are required only by the modes that read images (all, encrypt, eval)."""
     resolve_variant(c)
     _check_choice(c.job, JOBS, "job")
+    _check_distributed(c.distributed, c.multihost, mode)
     _check_choice(c.protocol, PROTOCOLS, "protocol")
     _check_choice(c.data.name, ("br35h", "folders"), "data.name")
     _check_choice(c.merge.data, ("proxy", "uploaded"), "merge.data")

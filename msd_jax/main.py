@@ -61,10 +61,17 @@ def main(argv):
 
 
 def run(config, mode: str, workdir: str, only_sites: list[str]) -> None:
-    """The work of one command on a validated config: `mode`'s parties, or the config's job."""
-    if config.multihost:
-        import jax
-        jax.distributed.initialize()
+    """The work of one command on a validated config: `mode`'s parties, or the config's job; with
+    several processes (config.distributed, config.multihost), this process's share of it."""
+    from msd_jax import distributed
+    started = distributed.start(config)
+    run_parties(config, mode, workdir, only_sites)
+    if started:
+        distributed.finish()
+
+
+def run_parties(config, mode: str, workdir: str, only_sites: list[str]) -> None:
+    """`mode`'s parties, or the config's job."""
     from msd_jax import parties  # after the flags: importing jax-heavy modules is slow
     from msd_jax.layout import Workdir
     from msd_jax.data import sites as sites_lib

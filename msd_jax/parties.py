@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 
+from msd_jax import distributed
 from msd_jax.encryption import encrypt, shards
 from msd_jax.training import train
 from msd_jax.data import sites as sites_lib
@@ -26,6 +27,8 @@ RANDOM_INIT = "random init"  # the baseline backbone's name in report tables and
 
 def _record(wd: Workdir, phase: str, **fields) -> None:
     """Timing and bytes of a phase, for the report (phases may run on different machines)."""
+    if not distributed.is_writer():
+        return
     os.makedirs(os.path.join(wd.root, "records"), exist_ok=True)
     with open(os.path.join(wd.root, "records", f"{phase}.json"), "w") as f:
         json.dump(fields, f, indent=1)
@@ -321,6 +324,8 @@ def _metrics_files(wd: Workdir) -> dict[str, str]:
 
 
 def _write_report(wd: Workdir, report: dict) -> None:
+    if not distributed.is_writer():
+        return
     with open(wd.report + ".tmp", "w") as f:
         json.dump(report, f, indent=1, default=str)
     os.replace(wd.report + ".tmp", wd.report)

@@ -76,3 +76,22 @@ def test_validate_names_the_field():
     c.data.name = "folders"
     with pytest.raises(ValueError, match="config.data.site_dirs"):
         config_lib.validate(c)
+
+
+@pytest.mark.parametrize("fields, mode, key", [
+    (dict(coordinator="node0"), "server", "config.distributed.coordinator"),           # no port
+    (dict(coordinator="node0:1234", num_processes=2, process_id=2), "server", "config.distributed.process_id"),
+    (dict(coordinator="node0:1234", num_processes=2), "all", "config.distributed.coordinator"),
+    (dict(heartbeat_timeout_s=0), "server", "config.distributed.heartbeat_timeout_s"),
+])
+def test_validate_checks_the_distributed_keys(fields, mode, key):
+    c = config_lib.base_config()
+    c.distributed.update(fields)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        config_lib.validate(c, mode)
+    c = config_lib.base_config()
+    c.distributed.update(coordinator="[::1]:1234", num_processes=2, process_id=1)
+    config_lib.validate(c, "server")
+    c.multihost = True
+    with pytest.raises(ValueError, match=r"not both"):
+        config_lib.validate(c, "server")

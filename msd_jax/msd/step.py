@@ -277,7 +277,9 @@ def finish_step(sc: StepConfig, hp: dict, state: TrainState, grads, loss, t_logi
 
 
 def make_mesh(devices: Optional[list] = None) -> Mesh:
-    devices = devices if devices is not None else jax.devices()
+    """The 1-D mesh 'data' over `devices` (default: every process's devices), ordered by process,
+    then device id: each process holds one contiguous block of the batch axis (`shard_batch`)."""
+    devices = devices if devices is not None else sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -310,7 +312,12 @@ def release_host_memory() -> None:
 
 def shard_batch(mesh: Mesh, *arrays):
     """Place the global batch (host arrays) on the mesh, split along the batch axis. With several
-    hosts every process computes the same global batch and contributes only its own rows."""
+    processes every process draws the same global batch (the batch order is seeded, not
+    process-dependent) and puts on its devices only its own rows: with P processes of D devices
+    each and a global batch of B rows (a multiple of P * D), process p holds rows
+    [p * B / P, (p + 1) * B / P), its d-th device rows [(p * D + d) * B / (P * D), ...) (the mesh
+    orders devices by process). One global step is therefore the same sum over the same rows on
+    any process count; only the order of the gradient all-reduce differs."""
     sharding = NamedSharding(mesh, P("data"))
     if jax.process_count() == 1:
         return tuple(jax.device_put(a, sharding) for a in arrays)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from msd_jax import trust
+from msd_jax import distributed, trust
 from msd_jax.models import params_file, vit
 from msd_jax.training import checkpoints
 
@@ -59,8 +59,9 @@ def save_backbone(out_dir: str, head_params, body_params, model_cfg: vit.ViTConf
     path = os.path.abspath(out_dir)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, "params"), {"head": head_params, "body": body_params}, force=True)
-    with open(os.path.join(path, "backbone.json"), "w") as f:
-        json.dump({"model": model_cfg.to_dict(), **meta}, f, indent=1)
+    if distributed.is_writer():  # Orbax saves from every process together; the description, once
+        with open(os.path.join(path, "backbone.json"), "w") as f:
+            json.dump({"model": model_cfg.to_dict(), **meta}, f, indent=1)
 
 
 def load_backbone(in_dir: str, model_cfg: vit.ViTConfig):

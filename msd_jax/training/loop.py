@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from msd_jax import distributed
 from msd_jax.msd import step as step_lib
 from msd_jax.training import batches, checkpoints, metrics as metrics_lib, progress, tensorboard
 
@@ -51,16 +52,22 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
     end = total_steps if stop_at is None else min(total_steps, stop_at)
     with contextlib.ExitStack() as closing:
         ckpts = None
+        # placed on the mesh first: a checkpoint is restored straight into these shardings, whatever
+        # process and device count wrote it
+        state = step_lib.replicate(mesh, state)
         if ckpt_dir:
             ckpts = checkpoints.Checkpoints(ckpt_dir, meta or {}, config.train.keep_checkpoints)
             closing.callback(ckpts.close)
             state = resume(ckpts, state, party, total_steps, log)
-        state = step_lib.replicate(mesh, state)
         step_args = step_lib.replicate(mesh, tuple(step_args))
         start = int(state.step)
         if start < end:
             log(f"[{party}] training {total_steps} steps on {len(arrays[0])} images, batch {order.b} on "
                 f"{mesh.devices.size} {jax.default_backend()} device(s){describe}")
+        if start < end and jax.process_count() > 1:
+            first = order(start)
+            batch = step_lib.shard_batch(mesh, *(a[first] for a in arrays), first)
+            step_fn = compiled_together(step_fn, state, batch, key, step_args)
         step_log = StepLog(party, total_steps, log, metrics_path,
                            tensorboard_dir if config.train.tensorboard else None, on_log)
         closing.callback(step_log.close)
@@ -87,6 +94,16 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
     return jax.device_get(state)
 
 
+def compiled_together(step_fn: Callable, state: Any, batch: tuple, key: jax.Array,
+                      step_args: tuple) -> Callable:
+    """`step_fn` compiled for these arguments, once every process has compiled it: the processes
+    then start the first step (whose collectives open the CPU collectives' connections, with a
+    fixed 30 s deadline) together, however long each took to compile."""
+    compiled = step_fn.lower(state, *batch, key, *step_args).compile()
+    distributed.barrier("msd_jax_step_compiled")
+    return compiled
+
+
 class StepLog:
     """Where a logged step's metrics go: the trainer's hook, the progress line, the metrics JSON
     line and the TensorBoard scalars."""
@@ -94,8 +111,9 @@ class StepLog:
     def __init__(self, party: str, total_steps: int, log: Callable[[str], None],
                  metrics_path: Optional[str], tensorboard_dir: Optional[str], on_log: Optional[LogHook]):
         self.party, self.total_steps, self.log, self.on_log = party, total_steps, log, on_log
-        self.metrics_file = metrics_lib.MetricsFile(metrics_path)
-        self.board = tensorboard.ScalarWriter(tensorboard_dir)
+        writer = distributed.is_writer()  # the files are shared: one process writes them
+        self.metrics_file = metrics_lib.MetricsFile(metrics_path if writer else None)
+        self.board = tensorboard.ScalarWriter(tensorboard_dir if writer else None)
 
     def write(self, m: dict, eta: float) -> None:
         """`m`: the step's finite metrics with its 'step' and 'images_per_s'."""
