@@ -16,6 +16,9 @@ Attacker knowledge, per attack:
   learned         no head; the look-alike set encrypted with the mode's transform under the
                   attacker's own key (the public head where the mode has one), positions known.
   clustering      nothing but the received tokens (the scoring uses the true positions).
+  moments         no head; the received tokens and the look-alike set: the clustering's groups,
+                  their covariances against the look-alike set's per-position patch covariances
+                  give the head up to a rotation that the positions pin down (moments.py).
 """
 from __future__ import annotations
 
@@ -33,10 +36,10 @@ from msd_jax.training import train
 from msd_jax.data import sites as sites_lib
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
-from msd_jax.experiments.privacy import attacks
+from msd_jax.experiments.privacy import attacks, moments
 from msd_jax.encryption import modes as modes_lib
 
-ATTACKS = ("known_head", "learned", "clustering")
+ATTACKS = ("known_head", "learned", "clustering", "moments")
 ATTACKER_KEY_TAG = 0xA77AC3
 
 
@@ -134,9 +137,14 @@ def attack_mode(cfg, model: vit.ViTConfig, mode: modes_lib.EncryptionMode, wd: W
                                patch_dim=model.patch_dim,
                                key=jax.random.fold_in(jax.random.key(cfg.seed), 0xC1057), iters=a.kmeans_iters)
     out["clustering"] = attacks.score(r, positions, originals, model.num_patches)
+    r = moments.moment_attack(tokens, public_images, patch_size=p, mean=mean, std=std,
+                              key=jax.random.fold_in(jax.random.key(cfg.seed), 0xC1057), ridge=a.ridge,
+                              kmeans_iters=a.kmeans_iters)
+    out["moments"] = attacks.score(r, positions, originals, model.num_patches)
+    recon["moments"] = r.images
     log(f"[audit] {mode.name}: attacks on {len(tokens)} images x {tokens.shape[1]} tokens in "
         f"{time.perf_counter() - t0:.1f}s: " + ", ".join(
-            f"{k} pos {v['position_accuracy']:.3f}" + (f" psnr {v['psnr_db']:.1f}" if v['psnr_db'] is not None else "")
+            f"{k} pos {_fmt(v['position_accuracy'])}" + (f" psnr {v['psnr_db']:.1f}" if v['psnr_db'] is not None else "")
             for k, v in out.items()))
     return out, {"originals": originals, **recon}
 
@@ -148,7 +156,7 @@ def recommend(results: dict, baseline_psnr: float, a) -> tuple:
     for mode, r in results.items():
         why = []
         for name, v in r["attacks"].items():
-            if v["position_accuracy"] > a.chance_factor * v["chance"]:
+            if v["position_accuracy"] is not None and v["position_accuracy"] > a.chance_factor * v["chance"]:
                 why.append(f"{name}: position accuracy {v['position_accuracy']:.3f} > "
                            f"{a.chance_factor:g} x chance {v['chance']:.4f}")
             if v["psnr_db"] is not None and v["psnr_db"] > baseline_psnr + a.psnr_margin_db:
