@@ -60,9 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
         key_source="seed",        # 'urandom' for real sites (secret, never written); 'seed' reproducible
         # encryption mode (docs/privacy.md): 'paper' (public head) or a '+'-joined combination of
         # 'secret_head' (head from the sites' shared key), 'masked' (upload masked_keep_ratio of the
-        # tokens), 'feature_perm' (secret channel permutation), e.g. 'secret_head+masked'
+        # tokens), 'feature_perm' (secret channel permutation), 'pos_noise' (noise on the position
+        # component), e.g. 'secret_head+masked'
         mode="paper",
         masked_keep_ratio=0.5,    # share of each image's tokens uploaded in a 'masked' mode
+        pos_noise_std=1.0,        # 'pos_noise' modes: token noise std / the position table's std
         shared_key_source="seed",  # secret modes: 'seed' (reproducible) | 'urandom' (key file at sites)
         shared_key_file="",       # '' = <workdir>/site_secret/shared_key (kept at the sites)
         shard_size=1024,
@@ -244,6 +246,8 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
     if not 0 < c.encrypt.masked_keep_ratio < 1:
         raise ValueError(f"config.encrypt.masked_keep_ratio: expected a fraction in (0, 1), got "
                          f"{c.encrypt.masked_keep_ratio}")
+    if not c.encrypt.pos_noise_std >= 0:
+        raise ValueError(f"config.encrypt.pos_noise_std: expected a number >= 0, got {c.encrypt.pos_noise_std}")
     if "audit" in c:
         for m in c.audit.modes.split(","):
             EncryptionMode.parse(m.strip(), "config.audit.modes")
