@@ -79,3 +79,48 @@ def test_clustering_falls_toward_chance_as_noise_rises(head):
     assert acc[0] > 0.95
     assert acc[0] >= acc[1] >= acc[2] >= acc[3] - 0.02
     assert acc[3] < 3.0 / N_POS
+
+
+def test_audit_sweeps_pos_noise(tmp_path, monkeypatch):
+    """A tiny audit of 'paper' and the swept mode at one strength: its rows, the trade-off in
+    audit.json and tradeoff.png, and the strength in the shards' manifests."""
+    import json
+    import os
+    from msd_jax.encryption import shards
+    from msd_jax.experiments.privacy import audit
+    from msd_jax.layout import Workdir
+    from test_privacy import _fed
+
+    c = load_config("audit", "tiny")
+    c.train.batch_size = 8
+    c.audit.update(modes="paper", sweep="3")
+    data = _fed(size=32, per_site=8, sites=2, test=10, proxy=24)
+    monkeypatch.setattr(audit.sites_lib, "load", lambda config: data)
+    out = str(tmp_path / "audit")
+    audit.run_audit(c, out, log=lambda *_: None)
+    rep = json.load(open(os.path.join(out, "audit.json")))
+    labels = ["paper", "secret_head+pos_noise@3"]
+    assert list(rep["modes"]) == labels
+    assert [r["row"] for r in rep["tradeoff"]] == labels
+    assert [r["pos_noise_std"] for r in rep["tradeoff"]] == [None, 3.0]
+    for r in rep["tradeoff"]:
+        attacks_ = rep["modes"][r["row"]]["attacks"]
+        want = max(v[k] / v["chance"] for v in attacks_.values()
+                   for k in ("position_accuracy", "position_accuracy_any_orientation") if v.get(k) is not None)
+        assert r["max_position_over_chance"] == pytest.approx(want)
+        assert r["linear_accuracy"] == rep["modes"][r["row"]]["linear_accuracy"]
+    assert rep["best_reachable"]["row"] in labels
+    assert os.path.getsize(os.path.join(out, "tradeoff.png")) > 0
+    manifest = shards.read_manifest(Workdir(os.path.join(out, "modes", labels[1])).shards("site0"))
+    assert manifest["encrypt_mode"] == "secret_head+pos_noise" and manifest["pos_noise_std"] == 3.0
+
+
+def test_sweep_config_errors():
+    from msd_jax import config as config_lib
+    c = load_config("audit", "tiny")
+    c.audit.sweep = "1,x"
+    with pytest.raises(ValueError, match="config.audit.sweep"):
+        config_lib.validate(c)
+    c.audit.update(sweep="1", sweep_mode="secret_head")
+    with pytest.raises(ValueError, match="config.audit.sweep_mode"):
+        config_lib.validate(c)

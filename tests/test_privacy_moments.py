@@ -99,3 +99,18 @@ def test_moment_attack_not_applicable_when_embed_dim_is_small():
     with pytest.raises(ValueError, match="embed_dim > patch_dim"):
         moments.estimate_head(tokens, np.zeros((4, N_POS), np.int64), np_patches(public), ridge=1e-3,
                               rng=np.random.default_rng(0))
+
+
+def test_score_any_orientation_turns_a_reconstruction_back():
+    """An attack that returns every image turned by a quarter (np.rot90) and every token at the
+    turned position scores 1.0 / 100 dB in some orientation, and poorly as it stands."""
+    rng = np.random.default_rng(0)
+    imgs = rng.random((3, 8, 8, 1))
+    true = np.stack([rng.permutation(16) for _ in range(3)])
+    # hand-derived: np.rot90 (counter-clockwise) moves grid cell (r, c) of a 4 x 4 grid to (3 - c, r)
+    r, c = np.divmod(true, 4)
+    turned = attacks.Reconstruction((3 - c) * 4 + r, np.rot90(imgs, 1, axes=(1, 2)), {})
+    got = attacks.score_any_orientation(turned, true, imgs, 4)
+    assert got["position_accuracy_any_orientation"] == 1.0 and got["psnr_db_any_orientation"] == 100.0
+    assert got["orientation"] == "90 degrees"
+    assert attacks.score(turned, true, imgs, 16)["position_accuracy"] < 0.5

@@ -73,6 +73,44 @@ def score(result: Reconstruction, true_positions: np.ndarray, originals: np.ndar
     return {**out, **result.info}
 
 
+def _dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """One of the 8 symmetries of a square array (axes 0, 1): optional left-right flip, then k
+    quarter turns."""
+    return np.rot90(a[:, ::-1] if flip else a, k, axes=(0, 1))
+
+
+def score_any_orientation(result: Reconstruction, true_positions: np.ndarray, originals: np.ndarray,
+                          grid: int) -> dict:
+    """The best score over the 8 rotations and mirror images of the position grid: an attack whose
+    statistics cannot tell an image from its mirror image or rotation (brain MRI is nearly
+    symmetric) still shows the image, turned. Reconstructions are turned back before scoring.
+    {'orientation', 'position_accuracy_any_orientation', 'psnr_db_any_orientation',
+    'ssim_any_orientation'}."""
+    if result.positions is None:
+        return {}
+    n, h = len(originals), originals.shape[1]
+    best = None
+    for k in range(4):
+        for flip in (False, True):
+            src = _dihedral(np.arange(grid * grid).reshape(grid, grid), k, flip).reshape(-1)
+            dest_of = np.argsort(src)          # a token from position p lands at dest_of[p]
+            acc = float(np.mean(result.positions == dest_of[true_positions]))
+            if best is None or acc > best[0]:
+                best = (acc, k, flip)
+    acc, k, flip = best
+    out = {"orientation": f"{'mirrored, ' if flip else ''}{90 * k} degrees",
+           "position_accuracy_any_orientation": acc, "psnr_db_any_orientation": None,
+           "ssim_any_orientation": None}
+    if result.images is not None:
+        pix = _dihedral(np.arange(h * h).reshape(h, h), k, flip).reshape(-1)
+        flat = np.asarray(result.images).reshape(n, h * h, -1)
+        back = np.empty_like(flat)
+        back[:, pix] = flat                    # recon pixel q shows original pixel pix[q]
+        out["psnr_db_any_orientation"], out["ssim_any_orientation"] = metrics.mean_psnr_ssim(
+            originals, back.reshape(originals.shape))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # the Gaussian token model shared by (a) and (c)
 # ---------------------------------------------------------------------------------------------
