@@ -24,12 +24,14 @@ def get_config(arg=None):
         c.msd.momentum_teacher = 0.99
         c.eval.update(linear_steps=300, features="cls_avgpool")
         c.audit.attack_images = 200
+        c.audit.sweep = "0.5,1,2,4"
     elif arg in (None, "", "full"):
         # the demo's model (configs/demo.py): 64 px, patch 8, width 192, 4 blocks
         c.train.num_steps = 600
         c.optim.lr = 4e-3
         c.msd.momentum_teacher = 0.99
         c.audit.attack_images = 600
+        c.audit.sweep = "0.5,1,2,4"
     elif arg == "tiny":  # tests: seconds per mode
         c.model.update(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, out_dim=64,
                        head_hidden_dim=32, head_bottleneck_dim=16)

@@ -70,9 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
         key_source="seed",        # 'urandom' for real sites (secret, never written); 'seed' reproducible
         # encryption mode (docs/privacy.md): 'paper' (public head) or a '+'-joined combination of
         # 'secret_head' (head from the sites' shared key), 'masked' (upload masked_keep_ratio of the
-        # tokens), 'feature_perm' (secret channel permutation), e.g. 'secret_head+masked'
+        # tokens), 'feature_perm' (secret channel permutation), 'pos_noise' (noise on the position
+        # component), e.g. 'secret_head+masked'
         mode="paper",
         masked_keep_ratio=0.5,    # share of each image's tokens uploaded in a 'masked' mode
+        pos_noise_std=1.0,        # 'pos_noise' modes: token noise std / the position table's std
         shared_key_source="seed",  # secret modes: 'seed' (reproducible) | 'urandom' (key file at sites)
         shared_key_file="",       # '' = <workdir>/site_secret/shared_key (kept at the sites)
         shard_size=1024,
@@ -196,8 +198,22 @@ def base_config() -> ml_collections.ConfigDict:
         max_accuracy_drop=0.02,   # allowed linear-probe cost against 'paper' (accuracy, 0..1)
         num_figure_images=6,
         reuse=False,              # reuse a mode's finished pipeline run in DIR/modes/<mode>/ (same config)
+        sweep="",                 # comma-separated encrypt.pos_noise_std values run in sweep_mode ('' = none)
+        sweep_mode="secret_head+pos_noise",  # the mode (with 'pos_noise') whose strength is swept
     ))
     return c
+
+
+def sweep_values(text: str) -> list[float]:
+    """config.audit.sweep: '0.5,1,2' -> [0.5, 1.0, 2.0] (each >= 0); '' -> []."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = None
+    if values is None or any(not v >= 0 for v in values):
+        raise ValueError(f"config.audit.sweep: expected comma-separated numbers >= 0 (encrypt.pos_noise_std "
+                         f"values), got {text!r}")
+    return values
 
 
 def _check_choice(value, allowed, field):
@@ -298,9 +314,16 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
     if not 0 < c.encrypt.masked_keep_ratio < 1:
         raise ValueError(f"config.encrypt.masked_keep_ratio: expected a fraction in (0, 1), got "
                          f"{c.encrypt.masked_keep_ratio}")
+    if not c.encrypt.pos_noise_std >= 0:
+        raise ValueError(f"config.encrypt.pos_noise_std: expected a number >= 0, got {c.encrypt.pos_noise_std}")
     if "audit" in c:
         for m in c.audit.modes.split(","):
             EncryptionMode.parse(m.strip(), "config.audit.modes")
+        if c.audit.sweep:
+            if not EncryptionMode.parse(c.audit.sweep_mode, "config.audit.sweep_mode").pos_noise:
+                raise ValueError(f"config.audit.sweep_mode: expected a mode with 'pos_noise' (its strength is "
+                                 f"swept), got {c.audit.sweep_mode!r}")
+            sweep_values(c.audit.sweep)
     if c.data.std <= 0:
         raise ValueError(f"config.data.std: expected > 0, got {c.data.std}")
     from msd_jax.data import dicom  # noqa: PLC0415 (keeps `import config` free of pydicom)

@@ -79,10 +79,14 @@ def run_encrypt(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
         tokens = encrypt.encrypt_images(head_params, model, images.images,
                                         encrypt.site_key(e.key_source, config.seed, name),
                                         keep_ratio=mode.upload_keep_ratio(e), mean=config.data.mean,
-                                        std=config.data.std, batch_size=e.batch_size)
+                                        std=config.data.std, batch_size=e.batch_size,
+                                        pos_noise_std=mode.position_noise_std(e))
+        extra = {"encrypt_mode": mode.name}
+        if mode.pos_noise:
+            extra["pos_noise_std"] = mode.position_noise_std(e)
         manifest = shards.write_shards(wd.shards(name), name, tokens, dtype=e.dtype,
                                        head_fingerprint=fingerprint, shard_size=e.shard_size,
-                                       extra={"encrypt_mode": mode.name})
+                                       extra=extra)
         dt = time.perf_counter() - s0
         log(f"[{name}] encrypted {len(tokens)} images -> {manifest['tokens_per_image']} tokens x "
             f"{manifest['embed_dim']} ({e.dtype}), {shards.shard_bytes(wd.shards(name)) / 2**20:.1f} MiB, "

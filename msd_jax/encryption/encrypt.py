@@ -95,9 +95,24 @@ def _orders(keys, num_patches: int, keep: int):
     return jax.vmap(lambda k: jax.random.permutation(k, num_patches)[:keep])(keys)
 
 
+NOISE_TAG = 0x9051  # the per-image noise key is fold_in(the image's permutation key, NOISE_TAG)
+
+
+def position_noise_scale(head_params, relative_std: float) -> float:
+    """The std of the 'pos_noise' token noise: relative_std x the std of the head's position table."""
+    return float(relative_std) * float(np.std(np.asarray(head_params["pos_embed"], np.float64)))
+
+
+def image_noise(image_key: jax.Array, shape: tuple) -> jax.Array:
+    """The unit gaussian 'pos_noise' draw of one image (raster order), from its permutation key."""
+    return jax.random.normal(jax.random.fold_in(image_key, NOISE_TAG), shape)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "keep"))
-def _encrypt_batch(head_params, images, keys, cfg: vit.ViTConfig, keep: int):
+def _encrypt_batch(head_params, images, keys, noise_scale, cfg: vit.ViTConfig, keep: int):
     tokens = vit.PatchHead(cfg).apply({"params": head_params}, images)
+    noise = jax.vmap(lambda k: image_noise(k, tokens.shape[1:]))(keys)
+    tokens = tokens + noise_scale * noise
     order = _orders(keys, cfg.num_patches, keep)
     return jnp.take_along_axis(tokens, order[..., None], axis=1)
 
@@ -125,16 +140,19 @@ def token_positions(key: jax.Array, num_images: int, num_patches: int, keep_rati
 
 def encrypt_images(head_params, cfg: vit.ViTConfig, images: np.ndarray, key: jax.Array, *,
                    keep_ratio: float = 1.0, mean: float = 0.5, std: float = 0.25,
-                   batch_size: int = 256) -> np.ndarray:
+                   batch_size: int = 256, pos_noise_std: float = 0.0) -> np.ndarray:
     """images [N, H, W, C] in [0, 1] -> encrypted tokens [N, keep, D] float32. Image i is permuted
-    with fold_in(key, i): a fresh permutation per image."""
+    with fold_in(key, i): a fresh permutation per image. With pos_noise_std > 0, every token (raster
+    order, before the permutation) gets gaussian noise of std position_noise_scale(head,
+    pos_noise_std) drawn from fold_in(fold_in(key, i), NOISE_TAG): a fresh position jitter."""
     keep = keep_count(keep_ratio, cfg.num_patches)
+    noise_scale = jnp.float32(position_noise_scale(head_params, pos_noise_std))
     out = []
     for start in range(0, len(images), batch_size):
         batch = normalize(np.asarray(images[start:start + batch_size], np.float32), mean, std)
         ids = jnp.arange(start, start + len(batch))
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-        out.append(np.asarray(_encrypt_batch(head_params, batch, keys, cfg, keep)))
+        out.append(np.asarray(_encrypt_batch(head_params, batch, keys, noise_scale, cfg, keep)))
     return np.concatenate(out)
 
 

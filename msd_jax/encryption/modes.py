@@ -5,13 +5,15 @@ A mode is 'paper' or a '+'-joined combination of the parts below, e.g. 'secret_h
                 the server never gets
   masked        each image uploads only encrypt.masked_keep_ratio of its tokens
   feature_perm  a secret fixed permutation of the embedding channels, shared by the sites
+  pos_noise     fresh gaussian noise on every uploaded token's position component, std
+                encrypt.pos_noise_std x the position table's std (against position clustering)
 'paper' is the paper's: a public head, position embeddings added before the token permutation.
 """
 from __future__ import annotations
 
 import dataclasses
 
-PARTS = ("secret_head", "feature_perm", "masked")
+PARTS = ("secret_head", "feature_perm", "masked", "pos_noise")
 PAPER = "paper"
 # The modes the audit measures by default (every combination worth a row).
 ALL_MODES = ("paper", "masked", "feature_perm", "secret_head", "feature_perm+masked",
@@ -61,6 +63,15 @@ class EncryptionMode:
     @property
     def masked(self) -> bool:
         return "masked" in self.parts
+
+    @property
+    def pos_noise(self) -> bool:
+        return "pos_noise" in self.parts
+
+    def position_noise_std(self, encrypt_cfg) -> float:
+        """The std of the noise on each token's position component, relative to the position
+        table's std: encrypt.pos_noise_std in a 'pos_noise' mode, else 0."""
+        return float(encrypt_cfg.pos_noise_std) if self.pos_noise else 0.0
 
     @property
     def secret_transform(self) -> bool:

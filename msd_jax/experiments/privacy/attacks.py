@@ -55,19 +55,60 @@ def unpatchify(patches: np.ndarray, p: int, h: int, w: int, c: int) -> np.ndarra
 
 @dataclasses.dataclass
 class Reconstruction:
-    positions: np.ndarray            # [N, k] estimated raster position of each received token
+    positions: np.ndarray | None     # [N, k] estimated raster position of each received token, or
+                                     # None (the attack does not apply)
     images: np.ndarray | None        # [N, H, W, C] in [0, 1], or None (no reconstruction)
     info: dict
 
 
 def score(result: Reconstruction, true_positions: np.ndarray, originals: np.ndarray,
           num_patches: int) -> dict:
-    """{'position_accuracy', 'chance', 'psnr_db', 'ssim'} (psnr/ssim None without images)."""
-    out = {"position_accuracy": float(np.mean(result.positions == true_positions)),
+    """{'position_accuracy', 'chance', 'psnr_db', 'ssim'} (psnr/ssim None without images,
+    position_accuracy None without positions)."""
+    acc = None if result.positions is None else float(np.mean(result.positions == true_positions))
+    out = {"position_accuracy": acc,
            "chance": 1.0 / num_patches, "psnr_db": None, "ssim": None}
     if result.images is not None:
         out["psnr_db"], out["ssim"] = metrics.mean_psnr_ssim(originals, result.images)
     return {**out, **result.info}
+
+
+def _dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """One of the 8 symmetries of a square array (axes 0, 1): optional left-right flip, then k
+    quarter turns."""
+    return np.rot90(a[:, ::-1] if flip else a, k, axes=(0, 1))
+
+
+def score_any_orientation(result: Reconstruction, true_positions: np.ndarray, originals: np.ndarray,
+                          grid: int) -> dict:
+    """The best score over the 8 rotations and mirror images of the position grid: an attack whose
+    statistics cannot tell an image from its mirror image or rotation (brain MRI is nearly
+    symmetric) still shows the image, turned. Reconstructions are turned back before scoring.
+    {'orientation', 'position_accuracy_any_orientation', 'psnr_db_any_orientation',
+    'ssim_any_orientation'}."""
+    if result.positions is None:
+        return {}
+    n, h = len(originals), originals.shape[1]
+    best = None
+    for k in range(4):
+        for flip in (False, True):
+            src = _dihedral(np.arange(grid * grid).reshape(grid, grid), k, flip).reshape(-1)
+            dest_of = np.argsort(src)          # a token from position p lands at dest_of[p]
+            acc = float(np.mean(result.positions == dest_of[true_positions]))
+            if best is None or acc > best[0]:
+                best = (acc, k, flip)
+    acc, k, flip = best
+    out = {"orientation": f"{'mirrored, ' if flip else ''}{90 * k} degrees",
+           "position_accuracy_any_orientation": acc, "psnr_db_any_orientation": None,
+           "ssim_any_orientation": None}
+    if result.images is not None:
+        pix = _dihedral(np.arange(h * h).reshape(h, h), k, flip).reshape(-1)
+        flat = np.asarray(result.images).reshape(n, h * h, -1)
+        back = np.empty_like(flat)
+        back[:, pix] = flat                    # recon pixel q shows original pixel pix[q]
+        out["psnr_db_any_orientation"], out["ssim_any_orientation"] = metrics.mean_psnr_ssim(
+            originals, back.reshape(originals.shape))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,10 +269,10 @@ def _kmeans(x: np.ndarray, k: int, key: jax.Array, iters: int) -> np.ndarray:
     return labels
 
 
-def cluster_attack(tokens: np.ndarray, true_positions: np.ndarray, *, num_patches: int, patch_dim: int,
-                   key: jax.Array, iters: int = 30) -> Reconstruction:
-    """(d) position clustering without the head (see the module doc). Needs the true positions only
-    to score the grouping: clusters are matched one-to-one to positions (Hungarian on counts)."""
+def cluster_labels(tokens: np.ndarray, *, num_patches: int, patch_dim: int, key: jax.Array,
+                   iters: int = 30) -> tuple[np.ndarray, np.ndarray, str]:
+    """The head-free grouping of tokens [N, k, D] into num_patches clusters: (labels [N*k], the
+    clustering coordinates of every token [N*k, e], a description of that space)."""
     t = np.asarray(tokens, np.float64)
     x = t.reshape(-1, t.shape[-1])
     x = x - x.mean(0)
@@ -249,7 +290,15 @@ def cluster_attack(tokens: np.ndarray, true_positions: np.ndarray, *, num_patche
         evals, evecs = np.linalg.eigh(x.T @ x / len(x))
         y = (x @ evecs) / np.sqrt(np.maximum(evals, 1e-12))         # whitened
         space = "all components, whitened"
-    labels = _kmeans(y, num_patches, key, iters)
+    return _kmeans(y, num_patches, key, iters), y, space
+
+
+def cluster_attack(tokens: np.ndarray, true_positions: np.ndarray, *, num_patches: int, patch_dim: int,
+                   key: jax.Array, iters: int = 30) -> Reconstruction:
+    """(d) position clustering without the head (see the module doc). Needs the true positions only
+    to score the grouping: clusters are matched one-to-one to positions (Hungarian on counts)."""
+    t = np.asarray(tokens, np.float64)
+    labels, _, space = cluster_labels(t, num_patches=num_patches, patch_dim=patch_dim, key=key, iters=iters)
     truth = np.asarray(true_positions).reshape(-1)
     counts = np.zeros((num_patches, num_patches))
     np.add.at(counts, (labels, truth), 1)
