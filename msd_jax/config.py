@@ -204,18 +204,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def sweep_values(text: str) -> list[float]:
-    """config.audit.sweep: '0.5,1,2' -> [0.5, 1.0, 2.0] (each >= 0); '' -> []."""
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        values = None
-    if values is None or any(not v >= 0 for v in values):
-        raise ValueError(f"config.audit.sweep: expected comma-separated numbers >= 0 (encrypt.pos_noise_std "
-                         f"values), got {text!r}")
-    return values
-
-
 def _check_choice(value, allowed, field):
     if value not in allowed:
         raise ValueError(f"config.{field}: expected one of {list(allowed)}, got {value!r}")
@@ -323,6 +311,7 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
             if not EncryptionMode.parse(c.audit.sweep_mode, "config.audit.sweep_mode").pos_noise:
                 raise ValueError(f"config.audit.sweep_mode: expected a mode with 'pos_noise' (its strength is "
                                  f"swept), got {c.audit.sweep_mode!r}")
+            from msd_jax.experiments.privacy.sweep import sweep_values  # noqa: PLC0415
             sweep_values(c.audit.sweep)
     if c.data.std <= 0:
         raise ValueError(f"config.data.std: expected > 0, got {c.data.std}")

@@ -7,7 +7,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "msd_jax"
 # Stage of each top-level package or module, in data-flow order.
 STAGES = {
-    "trust": 0, "layout": 0, "data": 1, "models": 2, "encryption": 3, "msd": 4, "training": 5, "protocols": 6,
+    "trust": 0, "layout": 0, "distributed": 0, "data": 1, "models": 2, "encryption": 3, "msd": 4, "training": 5, "protocols": 6,
     "evaluation": 7, "parties": 8, "experiments": 9, "config": 10, "main": 10, "export": 10,
 }
 

@@ -31,12 +31,12 @@ import jax
 import numpy as np
 
 from msd_jax.encryption import encrypt, shards
-from msd_jax import config as config_lib, parties
+from msd_jax import parties
 from msd_jax.training import train
 from msd_jax.data import sites as sites_lib
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
-from msd_jax.experiments.privacy import attacks, moments
+from msd_jax.experiments.privacy import attacks, moments, sweep
 from msd_jax.encryption import modes as modes_lib
 
 ATTACKS = ("known_head", "learned", "clustering", "moments")
@@ -59,7 +59,7 @@ def audit_runs(config) -> list[tuple[str, modes_lib.EncryptionMode, float | None
     a = config.audit
     runs = [(m.name, m, None) for m in (modes_lib.EncryptionMode.parse(x.strip(), "config.audit.modes")
                                         for x in a.modes.split(",") if x.strip())]
-    values = config_lib.sweep_values(a.sweep)
+    values = sweep.sweep_values(a.sweep)
     if values:
         mode = modes_lib.EncryptionMode.parse(a.sweep_mode, "config.audit.sweep_mode")
         if not mode.pos_noise:
