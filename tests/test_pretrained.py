@@ -340,3 +340,21 @@ def test_msd_step_drops_paths_in_the_student_only():
     for k in (1,):
         assert metrics[0.5, k]["teacher_entropy"] == metrics[0.0, k]["teacher_entropy"]
         assert metrics[0.5, k]["loss"] != metrics[0.0, k]["loss"]
+
+
+def test_safetensors_half_precision_tensors_read_exactly(tmp_path):
+    values = np.array([[1.5, -2.0, 0.0], [3.0, -0.25, 96.0]], np.float32)  # exact in bf16 and f16
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    f16 = values.astype("<f2").tobytes()
+    header = json.dumps({"__metadata__": {"format": "pt"},
+                         "a": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]},
+                         "b": {"dtype": "F16", "shape": [2, 3], "data_offsets": [12, 24]}}).encode()
+    path = tmp_path / "half.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bf16 + f16)
+    got = state_files.read_state_dict(str(path))
+    np.testing.assert_array_equal(got["a"], values)
+    np.testing.assert_array_equal(got["b"].astype(np.float32), values)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(len(header).to_bytes(8, "little") + header + bf16)  # 'b' runs past the end
+    with pytest.raises(trust.InputError, match="tensor 'b'"):
+        state_files.read_state_dict(str(bad))
