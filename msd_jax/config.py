@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
         # with dtype float32: the body's dense-layer operands rounded to 'bfloat16', float32
         # accumulation and activations (TPU's default matmul precision; ~1.5x on CPUs with AVX512-BF16)
         matmul_dtype="float32",
+        # a timm/DINO ViT state dict (.pth/.pt/.safetensors/.npz) or an msd_jax backbone folder:
+        # the body and, where shapes fit, the head start from it (docs/pretrained.md)
+        init_from="",
+        drop_path_rate=0.0,       # stochastic depth of the body's blocks in training (DINO: 0.1)
     ))
 
     c.data = ml_collections.ConfigDict(dict(
@@ -313,6 +317,8 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
                                  f"swept), got {c.audit.sweep_mode!r}")
             from msd_jax.experiments.privacy.sweep import sweep_values  # noqa: PLC0415
             sweep_values(c.audit.sweep)
+    if not 0 <= c.model.drop_path_rate < 1:
+        raise ValueError(f"config.model.drop_path_rate: expected in [0, 1), got {c.model.drop_path_rate}")
     if c.data.std <= 0:
         raise ValueError(f"config.data.std: expected > 0, got {c.data.std}")
     from msd_jax.data import dicom  # noqa: PLC0415 (keeps `import config` free of pydicom)

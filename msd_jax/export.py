@@ -21,7 +21,7 @@ import numpy as np
 
 from msd_jax.trust import InputError
 from msd_jax.protocols import model_io
-from msd_jax.models import vit
+from msd_jax.models import timm_layout, vit
 from msd_jax.encryption import modes as modes_lib
 
 FORMATS = ("npz", "torch")
@@ -82,41 +82,9 @@ def read_backbone(backbone_dir: str):
 
 
 def timm_state_dict(cfg: vit.ViTConfig, head_params, body_params) -> dict[str, np.ndarray]:
-    """float32 arrays under timm VisionTransformer names, torch layout ([out, in] weights).
-
-    Our body feeds cls_token + cls_pos_embed, then patch tokens that already carry pos_embed; timm
-    adds pos_embed [1, 1 + N, D] after prepending cls_token. So cls_token -> cls_token and
-    pos_embed = [cls_pos_embed; head pos_embed]: the sums, hence the features, are identical.
-    """
-    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-    p, c, d = cfg.patch_size, cfg.channels, cfg.embed_dim
-    kernel = f32(head_params["patch_embed"]["kernel"])  # [p*p*C, D], rows in (py, px, c) order
-    out = {
-        "cls_token": f32(body_params["cls_token"]).reshape(1, 1, d),
-        "pos_embed": np.concatenate([f32(body_params["cls_pos_embed"]).reshape(1, 1, d),
-                                     f32(head_params["pos_embed"]).reshape(1, cfg.num_patches, d)], 1),
-        "patch_embed.proj.weight": kernel.reshape(p, p, c, d).transpose(3, 2, 0, 1),  # [D, C, p, p]
-        "patch_embed.proj.bias": f32(head_params["patch_embed"]["bias"]),
-    }
-
-    def linear(name, dense):
-        out[f"{name}.weight"] = f32(dense["kernel"]).T
-        out[f"{name}.bias"] = f32(dense["bias"])
-
-    def norm(name, ln):
-        out[f"{name}.weight"] = f32(ln["scale"])
-        out[f"{name}.bias"] = f32(ln["bias"])
-
-    for i in range(cfg.depth):
-        blk, pre = body_params[f"block{i}"], f"blocks.{i}"
-        norm(f"{pre}.norm1", blk["norm1"])
-        linear(f"{pre}.attn.qkv", blk["attn"]["qkv"])  # both split 3D as (q|k|v, head, head_dim)
-        linear(f"{pre}.attn.proj", blk["attn"]["proj"])
-        norm(f"{pre}.norm2", blk["norm2"])
-        linear(f"{pre}.mlp.fc1", blk["mlp"]["fc1"])
-        linear(f"{pre}.mlp.fc2", blk["mlp"]["fc2"])
-    norm("norm", body_params["norm"])
-    return out
+    """float32 arrays under timm VisionTransformer names, torch layout (models/timm_layout.py holds
+    the mapping; `model.init_from` reads it back with its inverse)."""
+    return timm_layout.to_timm(cfg, head_params, body_params)
 
 
 def pixel_normalisation(meta: dict, meta_path: str, mean: Optional[float], std: Optional[float]):

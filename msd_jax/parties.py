@@ -16,7 +16,7 @@ from msd_jax.data import sites as sites_lib
 from msd_jax.evaluation import evaluate_with_config, label_efficiency
 from msd_jax.evaluation.features import extract_features, parse_kinds
 from msd_jax.evaluation.intervals import format_with_ci
-from msd_jax.protocols import model_io, model_upload, token_upload
+from msd_jax.protocols import model_io, model_upload, pretrained, token_upload
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
 from msd_jax.encryption.modes import EncryptionMode
@@ -46,12 +46,21 @@ def _read_records(wd: Workdir) -> dict:
     return out
 
 
+def _initial_head(config, model: vit.ViTConfig):
+    """The head to create when none exists yet: the one init_from gives (None: seeded random)."""
+    return pretrained.initial_head(config, model) if config.model.get("init_from", "") else None
+
+
 def run_setup(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=print) -> None:
     """Server, before the round, without images: the public head (head/) and, for model upload,
     the initial student (initial/), for every site. In a secret-head mode the sites derive the head
     from their shared key, so only initial/ is written."""
+    note = pretrained.describe(config, model)
+    if note:
+        log(f"[server] {note}")
     if not mode.secret_head:
-        _, fingerprint = encrypt.get_or_create_head(wd.head, model, train.party_key(config.seed, "head"))
+        _, fingerprint = encrypt.get_or_create_head(wd.head, model, train.party_key(config.seed, "head"),
+                                                    _initial_head(config, model))
         log(f"[server] head in {wd.head} (fingerprint {fingerprint[:16]}): send it to every site")
     if config.protocol == "model_upload":
         nbytes = model_upload.send_initial(config, model, wd)
@@ -65,7 +74,8 @@ def run_encrypt(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
     t0 = time.perf_counter()
     # the encryption mode's head (public, or from the sites' shared key: see encrypt.site_head)
     head_params, fingerprint = encrypt.site_head(config, model, mode, wd.root,
-                                                 train.party_key(config.seed, "head"))
+                                                 train.party_key(config.seed, "head"),
+                                                 _initial_head(config, model))
     if mode.secret_transform:  # the server gets only the fingerprint
         encrypt.write_transform(wd.head, model, mode, fingerprint)
     e = config.encrypt

@@ -70,10 +70,12 @@ def load_head(head_dir: str, cfg: vit.ViTConfig):
     return params, meta["fingerprint"]
 
 
-def get_or_create_head(head_dir: str, cfg: vit.ViTConfig, key: jax.Array):
+def get_or_create_head(head_dir: str, cfg: vit.ViTConfig, key: jax.Array, initial=None):
+    """The head in head_dir, else a new one written there: `initial` (e.g. pretrained weights,
+    see protocols/pretrained.py) or, without it, drawn from `key`."""
     if os.path.isfile(os.path.join(head_dir, HEAD_META)):
         return load_head(head_dir, cfg)
-    params = jax.device_get(vit.init_head(cfg, key))
+    params = jax.device_get(vit.init_head(cfg, key)) if initial is None else initial
     return params, save_head(head_dir, cfg, params)
 
 
@@ -252,9 +254,10 @@ def transform_head(mode: modes_lib.EncryptionMode, cfg: vit.ViTConfig, public_he
 
 
 def site_head(config, cfg: vit.ViTConfig, mode: modes_lib.EncryptionMode, workdir: str,
-              public_key: jax.Array = None):
+              public_key: jax.Array = None, initial_head=None):
     """(head params, fingerprint) the sites apply in `mode`. A public head comes from
-    <workdir>/head/ (created from `public_key` the first time: the server's job before the round);
+    <workdir>/head/ (created the first time from `initial_head`, else from `public_key`: the
+    server's job before the round);
     a secret one from the sites' shared key (config.encrypt's settings and config.seed). Writes
     nothing but the public head."""
     e = config.encrypt
@@ -264,7 +267,7 @@ def site_head(config, cfg: vit.ViTConfig, mode: modes_lib.EncryptionMode, workdi
         if public_key is None:
             public, _ = load_head(head_dir, cfg)
         else:
-            public, _ = get_or_create_head(head_dir, cfg, public_key)
+            public, _ = get_or_create_head(head_dir, cfg, public_key, initial_head)
     key = None
     if mode.secret_transform:
         key = shared_key(e.shared_key_source, config.seed, shared_key_path(e, workdir))

@@ -60,7 +60,8 @@ def finetune(config, model: vit.ViTConfig, head_params, body_params, train_set, 
         layer_decay=float(config.eval.finetune_layer_decay),
         clip_grad=float(config.optim.clip_grad),
         crop_scale=tuple(float(v) for v in config.eval.finetune_crop_scale),
-        feature_kind=kind, train_head=bool(train_head), b1=config.optim.b1, b2=config.optim.b2)
+        feature_kind=kind, train_head=bool(train_head), b1=config.optim.b1, b2=config.optim.b2,
+        drop_path_rate=float(config.model.drop_path_rate))
     if not 0 < s.layer_decay <= 1:
         raise ValueError(f"config.eval.finetune_layer_decay: expected in (0, 1], got {s.layer_decay}")
     key = jax.random.fold_in(train_lib.party_key(seed, "finetune"), 0)

@@ -216,31 +216,57 @@ class Attention(nn.Module):
         return (out, weights) if return_weights else out
 
 
+DROP_PATH_RNG = "drop_path"  # the rng stream stochastic depth draws from (apply(..., rngs=...))
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Stochastic depth on a residual branch [B, ...]: each sample's branch is zeroed with
+    probability `rate`, else scaled by 1 / (1 - rate) so its expectation is unchanged."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def drop_path_rates(rate: float, depth: int) -> list:
+    """Per-block rates rising linearly from 0 to `rate` (DINO's and timm's schedule)."""
+    return [float(r) for r in np.linspace(0.0, rate, depth)] if depth > 1 else [0.0] * depth
+
+
 class Block(nn.Module):
     num_heads: int
     mlp_ratio: float
     dtype: Any = jnp.float32
     dot_general: Any = None
+    drop_path: float = 0.0
+
+    def _branch(self, y, deterministic: bool):
+        if deterministic or self.drop_path == 0.0:
+            return y
+        return drop_path(y, self.drop_path, self.make_rng(DROP_PATH_RNG))
 
     @nn.compact
-    def __call__(self, x, return_weights: bool = False):
+    def __call__(self, x, return_weights: bool = False, deterministic: bool = True):
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
         y = Attention(self.num_heads, self.dtype, self.dot_general, name="attn")(y, return_weights)
         if return_weights:
             y, weights = y
-        x = x + y
+        x = x + self._branch(y, deterministic)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-        x = x + MlpBlock(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dot_general, name="mlp")(y)
+        y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dot_general, name="mlp")(y)
+        x = x + self._branch(y, deterministic)
         return (x, weights) if return_weights else x
 
 
 class Body(nn.Module):
     """Server-side body. Input: tokens [B, n, D] in any order (any n); output: normed tokens
-    [B, 1 + n, D], CLS first. With `return_attention`, also the last block's attention weights."""
+    [B, 1 + n, D], CLS first. With `return_attention`, also the last block's attention weights.
+    `drop_path_rate`: stochastic depth, only when called with deterministic=False (training), which
+    needs an rng for the DROP_PATH_RNG stream."""
     cfg: ViTConfig
+    drop_path_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, return_attention: bool = False):
+    def __call__(self, tokens: jax.Array, return_attention: bool = False, deterministic: bool = True):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b = tokens.shape[0]
@@ -249,9 +275,11 @@ class Body(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls + cls_pos, (b, 1, cfg.embed_dim)),
                              tokens.astype(jnp.float32)], axis=1).astype(dtype)
         weights = None
+        rates = drop_path_rates(self.drop_path_rate, cfg.depth)
         for i in range(cfg.depth):
             last = return_attention and i == cfg.depth - 1
-            x = Block(cfg.num_heads, cfg.mlp_ratio, dtype, cfg.dot_general, name=f"block{i}")(x, last)
+            x = Block(cfg.num_heads, cfg.mlp_ratio, dtype, cfg.dot_general, rates[i],
+                      name=f"block{i}")(x, last, deterministic)
             if last:
                 x, weights = x
         x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(x.astype(jnp.float32))
@@ -288,15 +316,16 @@ class Student(nn.Module):
     site teacher for one-shot merging. Returns logits [num_heads_out, B, out_dim]."""
     cfg: ViTConfig
     num_heads_out: int = 1
+    drop_path_rate: float = 0.0
 
     def setup(self):
-        self.body = Body(self.cfg)
+        self.body = Body(self.cfg, self.drop_path_rate)
         self.heads = [DINOHead(self.cfg.out_dim, self.cfg.head_hidden_dim, self.cfg.head_bottleneck_dim,
                                self.cfg.head_layers)
                       for _ in range(self.num_heads_out)]
 
-    def __call__(self, tokens):
-        cls = self.body(tokens)[:, 0]
+    def __call__(self, tokens, deterministic: bool = True):
+        cls = self.body(tokens, deterministic=deterministic)[:, 0]
         return jnp.stack([h(cls) for h in self.heads])
 
     def features(self, tokens):

@@ -59,6 +59,7 @@ class StepConfig:
     freeze_last_layer_steps: int
     b1: float
     b2: float
+    drop_path_rate: float  # the student's stochastic depth (the teacher never drops)
 
     @classmethod
     def from_config(cls, config, num_tokens: int, total_steps: int, steps_per_epoch: int,
@@ -93,6 +94,7 @@ class StepConfig:
             freeze_last_layer_steps=int(round(o.freeze_last_layer_epochs * steps_per_epoch)),
             b1=o.b1,
             b2=o.b2,
+            drop_path_rate=float(config.model.drop_path_rate),
         )
 
 
@@ -213,12 +215,17 @@ def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int
     is the stacked pytree of the site students (leading axis = site) that act as fixed teachers.
     `num_devices` (the mesh size the batch is split over) only sizes the backward passes.
     """
-    student = vit.Student(model_cfg, num_heads_out)
+    student = vit.Student(model_cfg, num_heads_out, sc.drop_path_rate)
     site_model = vit.Student(model_cfg, 1)
 
-    def apply(model, params, views):  # views [B, V, k, D] -> logits [H, V, B, K]
+    def apply(model, params, views, drop_key=None):  # views [B, V, k, D] -> logits [H, V, B, K]
         b, v, k, d = views.shape
-        logits = model.apply({"params": params}, views.reshape(b * v, k, d))  # batch-major rows
+        x = views.reshape(b * v, k, d)  # batch-major rows
+        if drop_key is None or sc.drop_path_rate == 0.0:
+            logits = model.apply({"params": params}, x)
+        else:
+            logits = model.apply({"params": params}, x, deterministic=False,
+                                 rngs={vit.DROP_PATH_RNG: drop_key})
         return logits.reshape(logits.shape[0], b, v, logits.shape[-1]).swapaxes(1, 2)
 
     def step_fn(state: TrainState, tokens, example_ids, key, site_params=None):
@@ -240,8 +247,10 @@ def make_train_step(model_cfg: vit.ViTConfig, sc: StepConfig, num_heads_out: int
             loss_lib.teacher_probs(t_logits, state.center, hp["teacher_temp"]))
         norm = t_logits.shape[0] * loss_lib.num_pairs(sc.num_global, sc.num_global + sc.num_local)
 
+        drop_key = jax.random.fold_in(step_key, 0xD409)  # apart from the views' keys
+
         def views_loss(params, views, num_views, first_view):
-            s_logits = apply(student, params, views)
+            s_logits = apply(student, params, views, jax.random.fold_in(drop_key, first_view))
             return loss_lib.pair_cross_entropy(s_logits, t_probs, sc.student_temp, first_view) / norm
 
         # Backpropagated in groups of views, one after the other (see `backward_passes`); `after`

@@ -40,6 +40,7 @@ from msd_jax.models import vit
 from msd_jax.msd import loss as loss_lib
 from msd_jax.msd import step as step_lib
 from msd_jax.msd import views as views_lib
+from msd_jax.protocols import pretrained
 
 
 def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, *, mean: float,
@@ -47,8 +48,14 @@ def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, 
     """step(state, images, example_ids, key) -> (state, metrics) with state.params =
     {"patch_embed", "student": {"body", "heads_0"}}. `pixel`: pixel multi-crop views; None: token
     views (msd/views.py) of the unpermuted tokens."""
-    student = vit.Student(model_cfg, 1)
+    student = vit.Student(model_cfg, 1, sc.drop_path_rate)
     pos_embed = jnp.asarray(pos_embed)
+
+    def student_logits(params, tokens, drop_key):  # the training forward (stochastic depth)
+        if sc.drop_path_rate == 0.0:
+            return student.apply({"params": params}, tokens)
+        return student.apply({"params": params}, tokens, deterministic=False,
+                             rngs={vit.DROP_PATH_RNG: drop_key})
 
     # Views stay batch-major ([B, V, ...] flattened to [B*V, ...]) so the batch axis, sharded on a
     # mesh, is never mixed with the view axis: XLA keeps the step data-parallel (a view-major
@@ -83,11 +90,15 @@ def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, 
         t_logits = student.apply({"params": state.ema_params["student"]}, t_g)
         t_logits = jax.lax.stop_gradient(split_views(t_logits, sc.num_global))
 
+        drop_key = jax.random.fold_in(step_key, 0xD409)  # apart from the views' keys
+
         def loss_fn(params):
             g, l = views(params)
-            s_logits = split_views(student.apply({"params": params["student"]}, g), sc.num_global)
+            s_logits = split_views(student_logits(params["student"], g, jax.random.fold_in(drop_key, 0)),
+                                   sc.num_global)
             if l is not None:
-                s_local = split_views(student.apply({"params": params["student"]}, l), sc.num_local)
+                s_local = split_views(student_logits(params["student"], l, jax.random.fold_in(drop_key, 1)),
+                                      sc.num_local)
                 s_logits = jnp.concatenate([s_logits, s_local], axis=1)
             return loss_lib.dino_loss(s_logits, t_logits, state.center, sc.student_temp,
                                       hp["teacher_temp"])
@@ -101,8 +112,8 @@ def make_ssl_step(model_cfg: vit.ViTConfig, sc: step_lib.StepConfig, pos_embed, 
 def initial_params(config, model_cfg: vit.ViTConfig):
     """The pipeline's initial head (party 'head') and student (party 'init'): (trainable params,
     fixed position embedding)."""
-    head = jax.device_get(vit.init_head(model_cfg, train_lib.party_key(config.seed, "head")))
-    student = jax.device_get(vit.init_student(model_cfg, train_lib.party_key(config.seed, "init")))
+    head = pretrained.initial_head(config, model_cfg)
+    student = pretrained.initial_student(config, model_cfg)
     return {"patch_embed": head["patch_embed"], "student": student}, np.asarray(head["pos_embed"])
 
 

@@ -26,7 +26,7 @@ from msd_jax import trust
 from msd_jax.encryption import encrypt
 from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
-from msd_jax.protocols import model_io
+from msd_jax.protocols import model_io, pretrained
 from msd_jax.protocols.token_upload import load_received
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
@@ -69,7 +69,7 @@ def _upload_dir(wd: Workdir, r: int, site: str) -> str:
 
 
 def _template(config, model: vit.ViTConfig):
-    init = train.init_student_params(config, model)
+    init = pretrained.initial_student(config, model)
     return {"student": init, "teacher": init, "center": np.zeros((1, model.out_dim), np.float32)}
 
 

@@ -17,7 +17,7 @@ from msd_jax import trust
 from msd_jax.encryption import encrypt
 from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
-from msd_jax.protocols import model_io
+from msd_jax.protocols import model_io, pretrained
 from msd_jax.protocols.token_upload import load_received, load_uploaded_tokens
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
@@ -25,7 +25,7 @@ from msd_jax.models import vit
 
 def send_initial(config, model: vit.ViTConfig, wd: Workdir) -> int:
     """Server: writes the initial student every site starts from; returns its bytes."""
-    return model_io.save_params(wd.initial, train.init_student_params(config, model), model,
+    return model_io.save_params(wd.initial, pretrained.initial_student(config, model), model,
                                 role="initial student")
 
 

@@ -31,7 +31,8 @@ def _settings(config, num_classes: int, total_steps: int, batch: int) -> classif
         min_lr=o.min_lr, warmup_steps=int(round(o.warmup_frac * total_steps)),
         weight_decay=float(config.baselines.supervised_weight_decay), layer_decay=1.0,
         clip_grad=o.clip_grad, crop_scale=tuple(float(v) for v in config.baselines.supervised_scale),
-        feature_kind=FEATURE, train_head=True, b1=o.b1, b2=o.b2)
+        feature_kind=FEATURE, train_head=True, b1=o.b1, b2=o.b2,
+        drop_path_rate=float(config.model.drop_path_rate))
 
 
 def train_supervised(config, model: vit.ViTConfig, train_set, *, total_steps: int,

@@ -7,6 +7,7 @@ from msd_jax import trust
 from msd_jax.encryption import encrypt, shards
 from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
+from msd_jax.protocols import pretrained
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
 
@@ -38,7 +39,7 @@ def train_server(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir
     fingerprint = encrypt.expected_fingerprint(mode, wd.head, model)
     tokens = load_uploaded_tokens(config, model, mode, wd, fingerprint)
     state = train.train(config, model, party="server", tokens=tokens,
-                        init_params=train.init_student_params(config, model),
+                        init_params=pretrained.initial_student(config, model),
                         ckpt_dir=wd.checkpoints("server"), metrics_path=wd.metrics("server"),
                         tensorboard_dir=wd.tensorboard("server"),
                         total_steps=steps, log=log)

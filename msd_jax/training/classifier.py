@@ -53,6 +53,7 @@ class ClassifierSettings:
     train_head: bool
     b1: float
     b2: float
+    drop_path_rate: float          # stochastic depth of the body while training (vit.Body)
 
 
 def layer_id(path, depth: int) -> int:
@@ -80,13 +81,19 @@ def layer_scales(params, depth: int, layer_decay: float):
 
 def make_forward(model_cfg: vit.ViTConfig, s: ClassifierSettings, pos_embed, fixed_patch_embed,
                  mean: float, std: float) -> Callable:
-    """forward(params, images [B, S, S, C] in [0, 1]) -> logits [B, num_classes] (float32)."""
+    """forward(params, images [B, S, S, C] in [0, 1], drop_key=None) -> logits [B, num_classes]
+    (float32); with `drop_key`, the training forward (stochastic depth at s.drop_path_rate)."""
     pos_embed = jnp.asarray(pos_embed)
+    body = vit.Body(model_cfg, s.drop_path_rate)
 
-    def forward(params, images):
+    def forward(params, images, drop_key=None):
         patch_embed = params["patch_embed"] if s.train_head else fixed_patch_embed
         tokens = vit.embed_images(model_cfg, patch_embed, pos_embed, images, mean, std)
-        out = vit.Body(model_cfg).apply({"params": params["body"]}, tokens)
+        if drop_key is None or s.drop_path_rate == 0.0:
+            out = body.apply({"params": params["body"]}, tokens)
+        else:
+            out = body.apply({"params": params["body"]}, tokens, deterministic=False,
+                             rngs={vit.DROP_PATH_RNG: drop_key})
         f = vit.pool_features(out, s.feature_kind).astype(jnp.float32)
         c = params["classifier"]
         return f @ c["kernel"] + c["bias"]
@@ -100,11 +107,12 @@ def make_classifier_step(model_cfg: vit.ViTConfig, s: ClassifierSettings, forwar
 
     def step_fn(state: ClassifierState, images, labels, example_ids, key):
         lr = schedules.warmup_cosine(state.step, s.lr, s.min_lr, s.total_steps, s.warmup_steps)
-        views = pv_lib.light_views(jax.random.fold_in(key, state.step), images, example_ids,
-                                   model_cfg.image_size, s.crop_scale, pc)
+        step_key = jax.random.fold_in(key, state.step)
+        views = pv_lib.light_views(step_key, images, example_ids, model_cfg.image_size, s.crop_scale, pc)
+        drop_key = jax.random.fold_in(step_key, 0xD409)  # apart from the views' keys
 
         def loss_fn(params):
-            logits = forward(params, views)
+            logits = forward(params, views, drop_key)
             logp = jax.nn.log_softmax(logits, axis=-1)
             ce = -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1))
             return ce, logits
