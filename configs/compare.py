@@ -2,6 +2,7 @@
 
   python -m msd_jax.main --config configs/compare.py --workdir DIR                     # one GPU
   python -m msd_jax.main --config configs/compare.py --config.quick=True --workdir DIR # 2 CPU cores
+  python -m msd_jax.main --config configs/compare.py:demo --workdir DIR  # the demo's scale, 1 seed
   # ablations (one key, several values; each value gets DIR/sweep/<key>=<value>/):
   ... --config.compare.sweep=data.num_sites=2,4,8
   ... --config.compare.sweep=data.alpha=0.1,0.5,10
@@ -13,6 +14,8 @@ Full mode is the demo's model and training recipe (configs/demo.py: 64 px, patch
 4; 600 server steps of batch 64, lr 4e-3 per 256, teacher momentum 0.99) for every row, sized for one
 GPU. `quick=True` applies `quick_settings` (a tiny ViT at 32 px) on top; to change one of those keys
 in quick mode, override it as --config.quick_settings.<section>.<key>=...
+`:demo` is full mode for one seed, with the demo's bfloat16 matmul operands and no per-site
+fine-tuning, so that every row at the demo's model and recipe fits on 2 CPU cores (docs/comparison.md).
 """
 import ml_collections
 
@@ -30,10 +33,8 @@ def get_config(arg=None):
     c.train.log_every = 50
     c.train.checkpoint_every = 200
     c.eval.random_init_baseline = False  # no_pretraining is its own row
-    # fine-tuning lr per 256 images (evaluation/finetune.py reads eval.finetune_*; its default is 1e-3):
-    # measured on a quick-mode token-upload backbone, 150 steps: 1e-3 -> 0.642 test accuracy, 4e-3 ->
-    # 0.687 (layer decay 0.75), so every row is fine-tuned at 4e-3
-    c.eval.finetune_lr = 4e-3
+    # fine-tuning (evaluation/finetune.py) with the eval.finetune_* defaults: LP-FT at lr 1e-3 per 256,
+    # selected on 10 % of the labelled train images (docs/comparison.md, "Fine-tuning recipe")
     c.compare = ml_collections.ConfigDict(dict(
         seeds=3,                  # seeds config.seed, +1, ...: partition, head and every key change
         rows=",".join(ROWS),      # comma-separated subset of msd_jax.experiments.compare.settings.ROWS
@@ -58,6 +59,11 @@ def get_config(arg=None):
         compare=dict(budget_steps=600, fedavg_rounds=5, finetune_steps=150, finetune_per_site=False),
         eval=dict(linear_steps=300),
     ))
+    if arg == "demo":  # every row at the demo's model and recipe, one seed, for 2 CPU cores
+        c.model.matmul_dtype = "bfloat16"
+        c.compare.update(seeds=1, finetune_per_site=False)
+    elif arg not in (None, "", "tiny"):
+        raise ValueError(f"configs/compare.py: unknown argument {arg!r} (expected none, 'demo' or 'tiny')")
     if arg == "tiny":  # a seconds-long smoke run of every row (tests)
         c.quick = True
         c.quick_settings.model.update(image_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2,

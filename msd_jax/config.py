@@ -154,7 +154,14 @@ def base_config() -> ml_collections.ConfigDict:
         finetune_weight_decay=0.05, finetune_layer_decay=0.75,
         finetune_crop_scale=(0.6, 1.0),
         finetune_features="",
-        finetune_init="random",   # new head at N(0, 0.01^2), or 'linear_probe' (LP-FT)
+        # 'linear_probe' (LP-FT: the head starts at the linear probe fitted on the fit part's frozen
+        # features, so the selection's step-0 candidate is the probe itself) or 'random' (N(0, 0.01^2))
+        finetune_init="linear_probe",
+        # model selection on a stratified, seeded share of the labelled train images held out of
+        # fine-tuning (0: none, the last step is tested), scored every finetune_select_every steps
+        # (0: once per epoch)
+        finetune_val_fraction=0.1,
+        finetune_select_every=0,
         # 95% percentile-bootstrap intervals of every accuracy / AUC over the test images (0 = none)
         bootstrap_resamples=1000,
         # label efficiency (evaluation/label_efficiency.py): probes fitted on stratified, nested

@@ -49,12 +49,18 @@ def test_every_protocol_gets_the_same_image_views(split, sizes):
         if row == "no_pretraining":
             assert p["image_views"] == 0 and p["optimizer_steps"] == 0
             continue
-        got = views_of(p, V, one_view=(row == "supervised_scratch"))
+        if row in ("finetune_only", "supervised_scratch"):
+            # the fine-tuning budget: its steps and batch, one view per image
+            assert p["optimizer_steps"] == c.compare.finetune_steps, row
+            assert list(p["batch"].values()) == [min(c.eval.finetune_batch_size, sum(sizes))], row
+            assert p["image_views"] == views_of(p, V, one_view=True), row
+            continue
+        got = views_of(p, V)
         assert got == p["image_views"], row
         assert p["optimizer_steps"] == sum(p["steps"].values())
         assert p["rounding"] == got - target
         # whole steps: at most half a step of every party off (plus the min-1-step floor)
-        bound = sum((1 if row == "supervised_scratch" else V) * b for b in p["batch"].values())
+        bound = sum(V * b for b in p["batch"].values())
         assert abs(got - target) <= bound, (row, got, target)
         assert abs(got - target) / target < 0.05, (row, got, target)
     assert budget.budget_is_fair(plan, tolerance=0.05)
@@ -72,9 +78,14 @@ def test_budget_exact_when_divisible():
                                                  "merge": 20}
     assert plan["local_only"]["steps"] == {f"site{i}": 20 for i in range(4)}
     assert plan["fedavg_msd"]["local_steps"] == [5] * 4 and plan["fedavg_msd"]["rounds"] == 4  # 3200/(4*4*40)
-    assert plan["supervised_scratch"]["steps"] == {"server": 320}
+    # the labels-only rows: the fine-tuning steps, not the pretraining views
+    assert plan["supervised_scratch"]["steps"] == {"server": c.compare.finetune_steps} == {"server": 300}
+    assert plan["finetune_only"]["steps"] == {"finetune": 300}
+    # eval.finetune_batch_size 64 of the 400 pooled images, not train.batch_size 10
+    assert plan["supervised_scratch"]["batch"] == {"server": 64}
+    assert plan["finetune_only"]["batch"] == {"finetune": 64}
     for row in settings.ROWS:
-        if row != "no_pretraining":
+        if row not in budget.LABELS_ONLY:
             assert plan[row]["image_views"] == 3200 and plan[row]["rounding"] == 0, row
 
 
@@ -212,9 +223,13 @@ def test_every_row_runs_end_to_end(tiny_run):
     target = out["target_image_views"]
     by = {r["name"]: r for r in out["rows"]}
     for name in settings.ROWS:
-        if name != "no_pretraining":
+        if name not in budget.LABELS_ONLY:
             assert abs(by[name]["image_views"] - target) <= 0.25 * target, name
     assert by["no_pretraining"]["image_views"] == 0 and by["no_pretraining"]["bytes_up"] == 0
+    steps = c.quick_settings.compare.finetune_steps
+    for name in ("finetune_only", "supervised_scratch"):
+        assert by[name]["optimizer_steps"] == steps, name
+    assert by["finetune_only"]["bytes_up"] == 0
     assert by["fedavg_msd"]["rounds"] == c.quick_settings.compare.fedavg_rounds
     assert by["msd_token_upload"]["rounds"] == by["msd_model_upload"]["rounds"] == 1
     assert by["local_only"]["bytes_up"] == 0
@@ -292,3 +307,63 @@ def test_planned_steps_reach_the_trainers_and_the_config_is_left_alone(tmp_path,
     with open(tmp_path / "msd_model_upload" / "uploads" / "hospital_b" / "model.json") as f:
         assert json.load(f)["steps"] == 2
     assert c.to_dict() == before
+
+
+def test_finetune_only_fine_tunes_the_random_init_and_supervised_gets_the_finetune_budget(tmp_path, monkeypatch):
+    """finetune_only runs the fine-tuning recipe from the random-init body (the one no_pretraining
+    probes) for the plan's fine-tuning steps; supervised_scratch trains the same steps and batch."""
+    c = settings.apply_quick(tiny_folders_config(tmp_path))
+    data = sites_lib.load(c)
+    plan = budget.plan_budget(c, [len(s) for _, s in data.sites], len(data.proxy), [n for n, _ in data.sites])
+    assert plan["finetune_only"]["steps"] == {"finetune": c.compare.finetune_steps}
+    assert plan["supervised_scratch"]["steps"] == {"server": c.compare.finetune_steps}
+    seen = {}
+    real_finetune = compare_rows.finetune
+
+    def recording_finetune(config, model, head, body, train_set, test_set, *, steps, **kw):
+        seen["finetune"] = (body, steps, len(train_set))
+        return real_finetune(config, model, head, body, train_set, test_set, steps=steps, **kw)
+    monkeypatch.setattr(compare_rows, "finetune", recording_finetune)
+    real_supervised = compare_rows.supervised.train_supervised
+
+    def recording_supervised(config, model, train_set, *, total_steps, **kw):
+        seen["supervised"] = (total_steps, config.train.batch_size)
+        return real_supervised(config, model, train_set, total_steps=total_steps, **kw)
+    monkeypatch.setattr(compare_rows.supervised, "train_supervised", recording_supervised)
+    model, mode = model_of(c), mode_of(c)
+    backbones, traffic, extra = compare_rows.RUNNERS["finetune_only"](
+        c, model, mode, Workdir(str(tmp_path / "ft")), data, plan["finetune_only"], lambda *_: None)
+    body, steps, n = seen["finetune"]
+    random_body = train_lib.init_student_params(c, model)["body"]
+    for a, b in zip(jax_leaves(body), jax_leaves(random_body)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert steps == c.compare.finetune_steps and n == len(data.labelled_train)
+    assert traffic == [] and set(extra["own_finetune"]) == {"accuracy", "auc"}
+    # the row's backbone is the fine-tuned body; per-site fine-tuning starts from the random init
+    (_, tuned), = [(name, b) for name, _, b in backbones]
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+               for a, b in zip(jax_leaves(tuned), jax_leaves(random_body)))
+    assert extra["finetune_start"][0][1] is body
+    compare_rows.RUNNERS["supervised_scratch"](c, model, mode, Workdir(str(tmp_path / "sup")), data,
+                                               plan["supervised_scratch"], lambda *_: None)
+    assert seen["supervised"] == (c.compare.finetune_steps,
+                                  min(c.eval.finetune_batch_size, len(data.labelled_train)))
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree_util.tree_leaves(tree)
+
+
+def test_demo_mode_is_the_demo_model_and_recipe_for_one_seed():
+    c = settings.apply_quick(load_config("demo"))
+    demo = conftest.load_config("demo")
+    for key in ("image_size", "patch_size", "embed_dim", "depth", "num_heads", "out_dim", "matmul_dtype"):
+        assert c.model[key] == demo.model[key], key
+    assert (c.model.image_size, c.model.embed_dim, c.model.depth) == (64, 192, 4)
+    assert c.compare.budget_steps == demo.train.num_steps == 600
+    assert (c.optim.lr, c.msd.momentum_teacher, c.train.batch_size) == (demo.optim.lr, demo.msd.momentum_teacher,
+                                                                        demo.train.batch_size)
+    assert c.compare.seeds == 1 and not c.quick
+    with pytest.raises(ValueError, match="unknown argument"):
+        load_config("nope")

@@ -75,7 +75,8 @@ def test_pool_features_match_eval_features(kind):
 
 def test_finetune_beats_chance_and_the_loss_falls():
     c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=32, finetune_lr=0.02, finetune_warmup_frac=0.1,
-                                        finetune_layer_decay=0.75, finetune_features="cls"))
+                                        finetune_layer_decay=0.75, finetune_features="cls",
+                                        finetune_val_fraction=0.0))
     model, head, body = backbone(c)
     train, test = stripes(96, 0), stripes(64, 1)
     r = ft.finetune(c, model, head, body, train, test, steps=80, seed=0, log=lambda _: None, log_every=10)
@@ -96,7 +97,7 @@ def test_finetune_beats_chance_and_the_loss_falls():
 
 
 def test_finetune_eval_trains_the_head_when_asked_and_is_deterministic():
-    c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=16, finetune_lr=0.01))
+    c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=16, finetune_lr=0.01, finetune_val_fraction=0.0))
     model, head, body = backbone(c)
     train, test = stripes(32, 2), stripes(16, 3)
     out = []
@@ -124,7 +125,7 @@ def test_linear_probe_classifier_on_raw_features_equals_linear_probe():
 
 def test_finetune_from_linear_probe_init():
     c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=16, finetune_init="linear_probe",
-                                        finetune_features="cls", linear_steps=100))
+                                        finetune_features="cls", linear_steps=100, finetune_val_fraction=0.0))
     model, head, body = backbone(c)
     train, test = stripes(32, 2), stripes(16, 3)
     r = ft.finetune(c, model, head, body, train, test, steps=2, log=lambda _: None)
@@ -152,3 +153,83 @@ def test_finetune_errors():
     with pytest.raises(ValueError, match=r"config\.eval\.features"):
         ft.finetune_eval(tiny_config(FINETUNE, eval=dict(finetune_features="pixels")), model, head, body,
                          train, train, steps=1, log=lambda _: None)
+
+
+# -- model selection on a validation split of the train data ---------------------------------------
+
+def test_validation_split_is_stratified_seeded_and_disjoint():
+    labels = np.random.default_rng(5).permutation(np.array([0] * 50 + [1] * 20 + [2] * 1 + [3] * 3))
+    fit, val = ft.validation_split(labels, 0.1, seed=3)
+    # per class round(0.1 n), at least one, never all: 50 -> 5, 20 -> 2, 3 -> 1; a lone image fits
+    assert {k: int((labels[val] == k).sum()) for k in range(4)} == {0: 5, 1: 2, 2: 0, 3: 1}
+    assert len(np.intersect1d(fit, val)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([fit, val])), np.arange(len(labels)))
+    np.testing.assert_array_equal(ft.validation_split(labels, 0.1, seed=3)[1], val)
+    assert not np.array_equal(ft.validation_split(labels, 0.1, seed=4)[1], val)
+    fit0, val0 = ft.validation_split(labels, 0.0, seed=3)
+    assert len(val0) == 0 and len(fit0) == len(labels)
+    with pytest.raises(ValueError, match=r"config\.eval\.finetune_val_fraction"):
+        ft.validation_split(labels, 1.0, seed=3)
+
+
+def test_selection_is_on_the_train_split_never_the_test_split():
+    c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=16, finetune_val_fraction=0.25,
+                                        finetune_select_every=2, finetune_features="cls", finetune_lr=0.02))
+    model, head, body = backbone(c)
+    train, test = stripes(32, 2), stripes(16, 3)
+    flipped = ImageSet(test.images, 1 - test.labels, test.class_names, test.ids)
+    r = ft.finetune(c, model, head, body, train, test, steps=4, log=lambda _: None)
+    r_flipped = ft.finetune(c, model, head, body, train, flipped, steps=4, log=lambda _: None)
+    # the test labels change nothing but the score
+    np.testing.assert_array_equal(r["probs"], r_flipped["probs"])
+    assert r["accuracy"] == pytest.approx(1 - r_flipped["accuracy"])
+    np.testing.assert_array_equal(r["val_indices"], ft.validation_split(train.labels, 0.25, 0)[1])
+    scores = r["selection"]
+    assert [h["step"] for h in scores] == [0, 2, 4] and sum(h["selected"] for h in scores) == 1
+
+
+def test_selection_falls_back_on_the_linear_probe_when_fine_tuning_hurts():
+    """An lr far too high wrecks the backbone; the selection keeps the start, which is the linear
+    probe fitted on the fit part (evaluation/linear.py), so fine-tuning is never below it on the
+    validation split."""
+    c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=16, finetune_val_fraction=0.25, finetune_lr=300.0,
+                                        finetune_warmup_frac=0.0, finetune_init="linear_probe",
+                                        finetune_features="cls", linear_steps=100, finetune_select_every=3))
+    model, head, body = backbone(c)
+    train, test = stripes(48, 4), stripes(32, 5)
+    r = ft.finetune(c, model, head, body, train, test, steps=6, log=lambda _: None)
+    scores = r["selection"]
+    assert [h["step"] for h in scores if h["selected"]] == [0]
+    for a, b in zip(jax.tree_util.tree_leaves(r["params"]["body"]), jax.tree_util.tree_leaves(body)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fit = np.setdiff1d(np.arange(len(train.labels)), r["val_indices"])
+    kw = dict(mean=0.5, std=0.25)
+    f_fit = features_lib.extract_features(head, body, model, train.images[fit], **kw)["cls"]
+    f_test = features_lib.extract_features(head, body, model, test.images, **kw)["cls"]
+    ref = linear_probe(f_fit, train.labels[fit], f_test, 2, steps=100, weight_decay=1e-4, seed=0)
+    np.testing.assert_allclose(r["probs"], ref, atol=1e-3)
+
+
+def brightness(n, seed):
+    """Class 1 bright, class 0 dark, with pixel noise: every backbone's features separate them."""
+    r = np.random.default_rng(seed)
+    labels = r.integers(0, 2, n)
+    labels[:2] = [0, 1]
+    base = np.where(labels == 1, 0.7, 0.3)[:, None, None, None]
+    imgs = np.clip(base + 0.1 * r.normal(size=(n, IMG, IMG, 1)), 0, 1).astype(np.float32)
+    return ImageSet(imgs, labels.astype(np.int32), ("dark", "bright"), tuple(map(str, range(n))))
+
+
+def test_lp_ft_reaches_the_linear_probe_on_separable_features():
+    c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=16, finetune_init="linear_probe",
+                                        finetune_val_fraction=0.25, finetune_features="cls", linear_steps=100))
+    model, head, body = backbone(c)
+    train, test = brightness(48, 6), brightness(40, 7)
+    kw = dict(mean=0.5, std=0.25)
+    f_train = features_lib.extract_features(head, body, model, train.images, **kw)["cls"]
+    f_test = features_lib.extract_features(head, body, model, test.images, **kw)["cls"]
+    probe = linear_probe(f_train, train.labels, f_test, 2, steps=100, weight_decay=1e-4, seed=0)
+    probe_acc = np.mean(probe.argmax(1) == test.labels)
+    assert probe_acc >= 0.9  # the case is easy
+    r = ft.finetune(c, model, head, body, train, test, steps=6, log=lambda _: None)
+    assert r["accuracy"] >= probe_acc - 1.0 / len(test.labels), (r["accuracy"], probe_acc)

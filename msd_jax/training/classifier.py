@@ -10,6 +10,11 @@ resized crop + horizontal flip, keyed per example as data/pixel_views.py), cross
 gradient clipping, linear warm-up then cosine (msd/schedules.py), and layer-wise lr decay (BEiT /
 MAE fine-tuning: the classifier and final norm at the full lr, block i at decay^(depth - i), the
 head and CLS tokens at decay^(depth + 1)).
+
+Model selection: given a validation set (held out of the labelled train data by the caller), the
+parameters are scored on it at the start and every `select_every` steps (default: once per epoch,
+at most MAX_SCORES times), and the best ones (highest validation accuracy, then lowest validation
+cross-entropy, then the earliest) are returned.
 """
 from __future__ import annotations
 
@@ -134,13 +139,42 @@ def make_classifier_step(model_cfg: vit.ViTConfig, s: ClassifierSettings, forwar
     return step_fn
 
 
+MAX_SCORES = 20  # validation scores of a run at most, when scored once per epoch
+
+
+def validation_score(probs_fn: Callable, params, images, labels, batch_size: int) -> dict:
+    """{"accuracy", "loss"} (mean cross-entropy) of `params` on a labelled validation set;
+    `probs_fn`: softmax_fn(forward)."""
+    probs = np.asarray(predict_with(probs_fn, params, images, batch_size), np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    p_true = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return {"accuracy": float(np.mean(probs.argmax(axis=1) == labels)), "loss": float(-np.mean(np.log(p_true)))}
+
+
+def _better(a: dict, b: Optional[dict]) -> bool:
+    """Whether validation score `a` beats `b`: higher accuracy, then lower loss (ties keep `b`)."""
+    if b is None:
+        return True
+    return (a["accuracy"], -a["loss"]) > (b["accuracy"], -b["loss"])
+
+
+def selection_points(total_steps: int, every: int) -> list[int]:
+    """The steps after which the parameters are scored: every `every`-th one and the last."""
+    every = max(1, int(every))
+    return sorted(set(range(every, total_steps, every)) | {total_steps})
+
+
 def train_classifier(config, model: vit.ViTConfig, head_params, body_params, images, labels,
                      s: ClassifierSettings, *, batch_size: int, key: jax.Array, party: str,
                      log: Callable[[str], None] = print, log_every: Optional[int] = None,
-                     classifier: Optional[dict] = None):
+                     classifier: Optional[dict] = None, val: Optional[tuple] = None,
+                     select_every: Optional[int] = None, selection: Optional[list] = None):
     """Trains {patch_embed (if s.train_head), body, classifier} on labelled images, the classifier
-    from `classifier` ({"kernel", "bias"}) or N(0, 0.01^2). Returns (params, forward, history) where
-    history lists the logged metrics dicts."""
+    from `classifier` ({"kernel", "bias"}) or N(0, 0.01^2). `val`: (images, labels) to select the
+    returned parameters on, scored at step 0 and every `select_every` steps (default: once per epoch
+    of the train images); None: the last parameters. `selection`, with `val`: a list that receives
+    one {"step", "val_accuracy", "val_loss", "selected"} dict per scored step. Returns (params,
+    forward, history) where history lists the logged metrics dicts."""
     images = batches.check_images(images, model)
     labels = np.asarray(labels).astype(np.int32)
     if labels.shape != (len(images),):
@@ -178,17 +212,54 @@ def train_classifier(config, model: vit.ViTConfig, head_params, body_params, ima
     state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=optax.scale_by_adam(b1=s.b1, b2=s.b2).init(params))
     history = []
-    state = loop.run(config, party=party, step_fn=step_fn, state=state, arrays=(images, labels),
-                     order=order, mesh=mesh, key=jax.random.fold_in(key, 3), total_steps=s.total_steps,
-                     log=log, log_every=log_every, on_log=lambda step, m: history.append(m),
-                     describe=f", {s.feature_kind} feature -> {s.num_classes} classes")
-    return state.params, forward, history
+
+    def run_to(state, stop_at):
+        # the opening line once, not again when training resumes after a validation score
+        quiet = int(state.step) > 0
+        chunk_log = (lambda m: None if m.startswith(f"[{party}] training ") else log(m)) if quiet else log
+        return loop.run(config, party=party, step_fn=step_fn, state=state, arrays=(images, labels),
+                        order=order, mesh=mesh, key=jax.random.fold_in(key, 3), total_steps=s.total_steps,
+                        log=chunk_log, log_every=log_every, on_log=lambda step, m: history.append(m),
+                        stop_at=stop_at, describe=f", {s.feature_kind} feature -> {s.num_classes} classes")
+
+    if val is None:
+        return run_to(state, None).params, forward, history
+    val_images = batches.check_images(val[0], model, "val images")
+    val_labels = np.asarray(val[1]).astype(np.int32)
+    # once per epoch, but at most MAX_SCORES times: a small set's epoch is a few steps
+    every = select_every or max(order.steps_per_epoch, -(-s.total_steps // MAX_SCORES))
+    probs_fn = softmax_fn(forward)
+    best_params, best_score, best_step, scores = state.params, None, 0, []
+    for stop in [0] + selection_points(s.total_steps, every):
+        if stop:
+            state = run_to(state, stop)
+        score = validation_score(probs_fn, state.params, val_images, val_labels, config.eval.batch_size)
+        scores.append({"step": stop, "val_accuracy": score["accuracy"], "val_loss": score["loss"]})
+        if _better(score, best_score):
+            # a copy: the next steps may reuse the buffers of donated state
+            best_params, best_score, best_step = jax.tree_util.tree_map(np.array, state.params), score, stop
+    for entry in scores:
+        entry["selected"] = entry["step"] == best_step
+    if selection is not None:
+        selection.extend(scores)
+    log(f"[{party}] selected step {best_step}/{s.total_steps} on {len(val_labels)} validation images: "
+        f"accuracy {best_score['accuracy']:.4f} loss {best_score['loss']:.4f}")
+    return best_params, forward, history
+
+
+def softmax_fn(forward: Callable) -> Callable:
+    """jit(params, images -> softmax probabilities), compiled once per batch shape."""
+    return jax.jit(lambda p, x: jax.nn.softmax(forward(p, x), axis=-1))
 
 
 def predict(forward: Callable, params, images, batch_size: int = 256) -> np.ndarray:
     """Softmax probabilities [N, num_classes] (no augmentation), batched, last batch padded."""
+    return predict_with(softmax_fn(forward), params, images, batch_size)
+
+
+def predict_with(fn: Callable, params, images, batch_size: int = 256) -> np.ndarray:
+    """predict with a prebuilt softmax_fn."""
     images = np.asarray(images, np.float32)
-    fn = jax.jit(lambda p, x: jax.nn.softmax(forward(p, x), axis=-1))
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]

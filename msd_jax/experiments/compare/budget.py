@@ -3,6 +3,11 @@
 The budget is counted in student image-views: (msd.num_global + msd.num_local) views x batch x
 steps, that of token upload with compare.budget_steps server steps. Each row gets the steps of each
 of its parties, which the rows pass on to the trainers.
+
+The rows trained on the labels alone are outside that budget: `finetune_only` (the fine-tuning
+recipe from a random-init backbone) and `supervised_scratch` each get the optimizer steps and batch
+every backbone's fine-tuning gets (compare.finetune_steps x eval.finetune_batch_size), so that
+pretraining is the only difference between them and a pretrained row's fine-tune column.
 """
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ import numpy as np
 
 from msd_jax.experiments.compare.settings import ROWS
 from msd_jax.training import batches
+
+# rows that spend none of the pretraining budget: trained on the labels alone, or not at all
+LABELS_ONLY = ("no_pretraining", "finetune_only", "supervised_scratch")
 
 
 def _batch(requested: int, n: int) -> int:
@@ -50,7 +58,8 @@ def plan_budget(config, site_sizes: list[int], proxy_size: int | None = None,
     msd.num_local views per image and B the batch. Returns {"target_image_views", "views_per_image",
     row: {"steps": {party: steps}, "batch": {party: batch}, "image_views", "optimizer_steps", "how"}}.
     Whole steps leave a rounding error, reported as "rounding" (image-views minus target).
-    `no_pretraining` spends nothing (0 image-views)."""
+    `no_pretraining` spends nothing (0 image-views); `finetune_only` and `supervised_scratch` get the
+    fine-tuning budget (compare.finetune_steps steps of batch eval.finetune_batch_size, 1 view)."""
     m, t, c = config.msd, config.train, config.compare
     V = int(m.num_global + m.num_local)
     B = int(t.batch_size)
@@ -76,10 +85,14 @@ def plan_budget(config, site_sizes: list[int], proxy_size: int | None = None,
                                      + pooled_how)
     plan["centralized_dino"] = _entry({"server": S}, {"server": b_pool}, V, target,
                                       "DINO pixel multi-crop of raw pooled images: " + pooled_how)
-    sup_steps = max(1, int(round(target / b_pool)))
-    plan["supervised_scratch"] = _entry({"server": sup_steps}, {"server": b_pool}, 1, target,
-                                        f"{sup_steps} supervised steps x batch {b_pool} x 1 view on the "
-                                        f"pooled labelled images")
+    ft_steps = int(c.finetune_steps)
+    b_ft = _batch(int(config.eval.finetune_batch_size), n_pool)
+    plan["supervised_scratch"] = _entry({"server": ft_steps}, {"server": b_ft}, 1, target,
+                                        f"{ft_steps} supervised steps x batch {b_ft} x 1 view on the "
+                                        f"pooled labelled images (the fine-tuning budget)")
+    plan["finetune_only"] = _entry({"finetune": ft_steps}, {"finetune": b_ft}, 1, target,
+                                   f"no pretraining: the fine-tuning recipe, {ft_steps} steps x batch "
+                                   f"{b_ft} x 1 view, from the random-init body with the sites' head")
     # model upload: a share of the budget for the one-shot merge, the rest split over the sites
     n_merge = int(proxy_size) if (config.merge.data == "proxy" and proxy_size) else n_pool
     b_merge = _batch(B, n_merge)
@@ -100,7 +113,8 @@ def plan_budget(config, site_sizes: list[int], proxy_size: int | None = None,
 
 
 def budget_is_fair(plan: dict, tolerance: float = 0.0) -> bool:
-    """Every row but no_pretraining within `tolerance` (relative) of the target image-views."""
+    """Every pretraining row (not LABELS_ONLY) within `tolerance` (relative) of the target
+    image-views."""
     t = plan["target_image_views"]
     return all(abs(plan[r]["image_views"] - t) <= tolerance * t + 1e-9 for r in ROWS
-               if r != "no_pretraining" and r in plan)
+               if r not in LABELS_ONLY and r in plan)

@@ -55,18 +55,26 @@ def _finetune_per_site(config, model: vit.ViTConfig, head, body, sets, test_set,
     return {**_mean_metrics(list(site_r.values())), "sites": site_r}
 
 
-def evaluate_row(config, model: vit.ViTConfig, backbones, data, log, *, finetune_sets=None) -> dict:
+def evaluate_row(config, model: vit.ViTConfig, backbones, data, log, *, finetune_sets=None,
+                 own_finetune=None, finetune_start=None) -> dict:
     """Probes and fine-tuning of one row. `backbones`: [(name, head, body)]; with several (local
     only) the row reports their mean and keeps each one. `finetune_sets`: per backbone, the labelled
     set its per-site fine-tuning uses (default: every site's set for every backbone). A per-site
-    fine-tuning accuracy is None where no site's set could carry it."""
+    fine-tuning accuracy is None where no site's set could carry it. For a backbone that is itself
+    the result of fine-tuning on the pooled set (finetune_only): `own_finetune`, its test metrics,
+    stand in for fine-tuning it again, and `finetune_start`, per backbone the (head, body) it was
+    fine-tuned from, is where per-site fine-tuning starts."""
     per = []
     for i, (name, head, body) in enumerate(backbones):
         r = evaluate_backbone(config, model, head, body, data)
-        r["finetune"] = _finetune(config, model, head, body, data.labelled_train, data.test, log)
+        if own_finetune is not None:
+            r["finetune"] = dict(own_finetune)
+        else:
+            r["finetune"] = _finetune(config, model, head, body, data.labelled_train, data.test, log)
         if config.compare.finetune_per_site:
             sets = finetune_sets[i] if finetune_sets else data.sites
-            r["finetune_per_site"] = _finetune_per_site(config, model, head, body, sets, data.test, log)
+            h, b = finetune_start[i] if finetune_start else (head, body)
+            r["finetune_per_site"] = _finetune_per_site(config, model, h, b, sets, data.test, log)
         per.append({"name": name, **r})
     out = {k: _mean_metrics([p[k] for p in per]) for k in ("knn", "linear", "finetune")}
     if config.compare.finetune_per_site:

@@ -101,8 +101,11 @@ def table_md(rows: list[dict], config, target: int, note: str = "", changed: dic
     out += [f"- **{r['name']}**: {r['how']}." for r in rows]
     out += changes_md(config, changed, skipped)
     out += ["", "`no_pretraining` spends no pretraining compute (random-init body with the fixed head); "
-                "`supervised_scratch` counts one view per image per step, so it takes V times the steps; "
-                "its fine-tune column is its own classifier's test score (it is trained on the labels). "
+                "`finetune_only` (the paper's fine-tuning only baseline) and `supervised_scratch` train on "
+                "the labels alone with the optimizer steps and batch of every backbone's fine-tuning; "
+                "their fine-tune column is their own classifier's test score and their probes read the "
+                "label-trained backbone (`finetune_only`: the fine-tuning recipe from the random-init "
+                "body; `supervised_scratch`: the supervised recipe, patch embedding trained). "
                 "`local_only` reports the mean over the site models (each evaluated as a backbone; per "
                 "site fine-tuning on its own site's labels). Bytes are the sizes of the files each "
                 "protocol writes and moves (token shards with manifests, the head, msgpack models, raw "

@@ -5,6 +5,7 @@ backbones and writes the row's result.json. A row whose party's output is alread
 run) does not train that party again."""
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Callable
@@ -17,6 +18,7 @@ from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.evaluation.metrics import accuracy, roc_auc
 from msd_jax.experiments.compare.evaluate import evaluate_row
 from msd_jax.experiments.compare.results import RESULT, write_json
+from msd_jax.evaluation.finetune import finetune
 from msd_jax.experiments.compare.settings import protocol_config
 from msd_jax.layout import Workdir
 from msd_jax.models import vit
@@ -109,8 +111,25 @@ def _run_no_pretraining(config, model, mode, wd, data, plan, log):
     return [("random_init", _head(config, model, mode, wd), body)], [], {}
 
 
+def _run_finetune_only(config, model, mode, wd, data, plan, log):
+    """The fine-tuning recipe (evaluation/finetune.py, as every backbone's fine-tune column) started
+    from the random-init body with the sites' head: the paper's 'fine-tuning only' baseline. Its
+    backbone is the fine-tuned one; per-site fine-tuning starts from the random init."""
+    head = _head(config, model, mode, wd)
+    body = train.init_student_params(config, model)["body"]
+    r = finetune(config, model, head, body, data.labelled_train, data.test, steps=plan["steps"]["finetune"],
+                 train_head=bool(config.compare.finetune_train_head), seed=config.seed, log=log)
+    tuned_head = {**head, "patch_embed": r["params"]["patch_embed"]} if "patch_embed" in r["params"] else head
+    own = {"accuracy": float(r["accuracy"]), "auc": float(r["auc"])}
+    return ([("finetuned", tuned_head, r["params"]["body"])], [],
+            {"own_finetune": own, "finetune_start": [(head, body)]})
+
+
 def _run_supervised(config, model, mode, wd, data, plan, log):
     raw = _pooled_raw(wd, data)
+    # the batch of the fine-tuning budget (budget.plan_budget), not the pretraining one
+    config = copy.deepcopy(config)
+    config.train.batch_size = int(plan["batch"]["server"])
     params = supervised.train_supervised(config, model, data.labelled_train,
                                          total_steps=plan["steps"]["server"], log=log)
     probs = np.asarray(supervised.predict_supervised(config, model, params, data.test.images))
@@ -128,6 +147,7 @@ RUNNERS: dict[str, Callable] = {
     "centralized_dino": _centralized_runner(centralized.train_pixel_dino),
     "centralized_msd": _centralized_runner(centralized.train_centralized_msd),
     "no_pretraining": _run_no_pretraining,
+    "finetune_only": _run_finetune_only,
     "supervised_scratch": _run_supervised,
 }
 
@@ -147,8 +167,10 @@ def run_row(config, row: str, run_dir: str, data, plan: dict, log=print, *,
     backbones, traffic, extra = RUNNERS[row](config, model, mode, wd, data, plan[row], log)
     train_s = time.perf_counter() - t0
     finetune_sets = extra.pop("finetune_sets", None)
+    own_finetune, finetune_start = extra.pop("own_finetune", None), extra.pop("finetune_start", None)
     t1 = time.perf_counter()
-    ev = evaluate_row(config, model, backbones, data, log, finetune_sets=finetune_sets)
+    ev = evaluate_row(config, model, backbones, data, log, finetune_sets=finetune_sets,
+                      own_finetune=own_finetune, finetune_start=finetune_start)
     if row == "supervised_scratch":
         # 'fine-tuning only': the supervised network is already fine-tuned; its own test predictions
         ev["finetune_of_backbone"] = ev["finetune"]

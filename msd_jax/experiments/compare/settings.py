@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 
 ROWS = ("msd_token_upload", "msd_model_upload", "fedavg_msd", "local_only", "centralized_dino",
-        "centralized_msd", "no_pretraining", "supervised_scratch")
+        "centralized_msd", "no_pretraining", "finetune_only", "supervised_scratch")
 
 
 def parse_rows(value: str) -> list[str]:
