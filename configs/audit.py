@@ -15,6 +15,7 @@ def get_config(arg=None):
     c.encrypt.key_source = "seed"     # the audit recomputes every token's true position
     c.eval.random_init_baseline = False
     c.eval.per_site = False           # the audit needs the pooled linear probe only
+    c.eval.label_fractions = ""
     if arg == "quick":
         # 32 px, patch 4: 64 tokens of 16 pixels into 64 channels (D > d_p as in the demo's 192 > 64)
         c.model.update(image_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, out_dim=512,
