@@ -72,7 +72,7 @@ def run(config, mode: str, workdir: str, only_sites: list[str]) -> None:
 
 def run_parties(config, mode: str, workdir: str, only_sites: list[str]) -> None:
     """`mode`'s parties, or the config's job."""
-    from msd_jax import parties  # after the flags: importing jax-heavy modules is slow
+    from msd_jax import distributed, parties  # after the flags: importing jax-heavy modules is slow
     from msd_jax.layout import Workdir
     from msd_jax.data import sites as sites_lib
     wd = Workdir(workdir)
@@ -87,6 +87,9 @@ def run_parties(config, mode: str, workdir: str, only_sites: list[str]) -> None:
         return
 
     model, encrypt_mode = resolve(config)
+    from msd_jax.encryption.modes import exposure
+    if distributed.is_writer():
+        print(exposure(encrypt_mode))
     if mode == "setup":
         parties.run_setup(config, model, encrypt_mode, wd)
         return
