@@ -1,7 +1,11 @@
 """Helpers every test file shares: the repository's config files, and tiny models and configs built
 from base_config() (the one place a default lives) with a few fields changed."""
 import importlib.util
+import os
 import pathlib
+
+import numpy as np
+from PIL import Image
 
 from msd_jax import config as config_lib
 from msd_jax.encryption.modes import EncryptionMode
@@ -76,3 +80,15 @@ def tiny_config(*updates, start=None, **sections):
         for section, fields in update.items():
             c[section].update(fields)
     return c
+
+
+def class_folder(folder, seed, per_class=6) -> str:
+    """An ImageFolder of two separable classes ('bright', 'dark'), `per_class` noisy 20 x 20 grey
+    PNGs each, drawn from `seed`: the site, test and proxy folders of the end-to-end tests."""
+    rng = np.random.default_rng(seed)
+    for cls, base in (("bright", 190), ("dark", 60)):
+        os.makedirs(folder / cls, exist_ok=True)
+        for i in range(per_class):
+            arr = np.clip(base + rng.normal(0, 25, (20, 20)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr, "L").save(folder / cls / f"img{i:02d}.png")
+    return str(folder)

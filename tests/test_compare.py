@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from msd_jax.data import sites as sites_lib
 from msd_jax.experiments.compare import budget, command, report, settings
@@ -18,7 +17,7 @@ from msd_jax.experiments.compare import rows as compare_rows
 from msd_jax.layout import Workdir
 from msd_jax.training import train as train_lib
 import conftest
-from conftest import mode_of, model_of
+from conftest import class_folder, mode_of, model_of
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -169,26 +168,16 @@ def test_aggregate_mean_and_std():
 PER_CLASS = 6
 
 
-def make_folder(folder, seed, n=PER_CLASS):
-    rng = np.random.default_rng(seed)
-    for cls, base in (("bright", 190), ("dark", 60)):
-        os.makedirs(folder / cls, exist_ok=True)
-        for i in range(n):
-            arr = np.clip(base + rng.normal(0, 25, (20, 20)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr, "L").save(folder / cls / f"img{i:02d}.png")
-    return str(folder)
-
-
 def dir_size(path):
     return sum(os.stat(os.path.join(r, f)).st_size for r, _, fs in os.walk(path) for f in fs)
 
 
 def tiny_folders_config(root):
     """The tiny config on two hospitals' ImageFolder trees, a test and a proxy tree under `root`."""
-    sites = [make_folder(root / "hospital_a", 1), make_folder(root / "hospital_b", 2)]
+    sites = [class_folder(root / "hospital_a", 1, PER_CLASS), class_folder(root / "hospital_b", 2, PER_CLASS)]
     c = load_config("tiny")
-    c.data.update(name="folders", site_dirs=",".join(sites), test_dir=make_folder(root / "test", 9),
-                  proxy_dir=make_folder(root / "proxy", 5, n=4), cache_dir=str(root / "tfds"))
+    c.data.update(name="folders", site_dirs=",".join(sites), test_dir=class_folder(root / "test", 9, PER_CLASS),
+                  proxy_dir=class_folder(root / "proxy", 5, 4), cache_dir=str(root / "tfds"))
     return c
 
 

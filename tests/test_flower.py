@@ -14,8 +14,8 @@ import time
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
+from conftest import class_folder
 from msd_jax.encryption import verify
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -23,16 +23,6 @@ SITES = ("hospital_a", "hospital_b")
 CONFIG = ["--config.model.image_size=16", "--config.model.patch_size=4", "--config.model.embed_dim=16",
           "--config.model.num_heads=2", "--config.model.out_dim=32", "--config.model.head_hidden_dim=16",
           "--config.model.head_bottleneck_dim=8", "--config.msd.num_local=0", "--config.train.batch_size=8"]
-
-
-def make_folder(folder, seed, per_class=6):
-    rng = np.random.default_rng(seed)
-    for cls, base in (("bright", 190), ("dark", 60)):
-        os.makedirs(folder / cls)
-        for i in range(per_class):
-            arr = np.clip(base + rng.normal(0, 25, (20, 20)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr, "L").save(folder / cls / f"img{i:02d}.png")
-    return str(folder)
 
 
 def free_port() -> int:
@@ -44,7 +34,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower")
-    sites = {name: make_folder(root / "data" / name, i + 1) for i, name in enumerate(SITES)}
+    sites = {name: class_folder(root / "data" / name, i + 1) for i, name in enumerate(SITES)}
     # the Flower processes start each other by name (flower-superexec) from PATH
     environ = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),

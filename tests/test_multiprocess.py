@@ -23,7 +23,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from conftest import class_folder
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TOL = 1e-4
@@ -37,16 +38,6 @@ ARGS = [
     "--config.msd.num_local=0", "--config.train.batch_size=8", f"--config.train.num_steps={STEPS}",
     "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2",
 ]
-
-
-def _images(folder, seed, n=8):
-    rng = np.random.default_rng(seed)
-    for cls, base in (("bright", 190), ("dark", 60)):
-        os.makedirs(folder / cls, exist_ok=True)
-        for i in range(n):
-            arr = np.clip(base + rng.normal(0, 25, (20, 20)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr, "L").save(folder / cls / f"img{i:02d}.png")
-    return str(folder)
 
 
 def _env(tmp, devices):
@@ -140,7 +131,7 @@ def copy_at(src, dst, step):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
-    sites = [_images(tmp / "site_a", 1), _images(tmp / "site_b", 2)]
+    sites = [class_folder(tmp / "site_a", 1, 8), class_folder(tmp / "site_b", 2, 8)]
     base = tmp / "encrypted"
     proc = subprocess.run([sys.executable, "-m", "msd_jax.main", *ARGS, f"--workdir={base}", "--mode=encrypt",
                            f"--config.data.site_dirs={','.join(sites)}", f"--config.data.test_dir={sites[0]}",
