@@ -45,6 +45,11 @@ def get_config(arg=None):
         finetune_steps=300,       # full fine-tuning budget of each backbone (linear head on CLS)
         finetune_train_head=False,  # also fine-tune the patch embedding
         finetune_per_site=True,   # also fine-tune on each site's labels alone (mean over sites)
+        # label efficiency (label_curves.py): probes at eval.label_fractions x eval.label_draws; each
+        # row's label-trained method (fine-tuning, finetune_only, supervised) at these fractions
+        # ('' = the same) on the first label_train_draws draws
+        label_train_fractions="",
+        label_train_draws=3,
         sweep="",                 # ablation: 'section.key=v1,v2,...' runs the comparison per value
         compile_cache=True,       # persistent XLA compilation cache in DIR/.jax_cache
         verbose=False,            # print the training loops' progress lines
@@ -56,12 +61,13 @@ def get_config(arg=None):
                    head_hidden_dim=256, head_bottleneck_dim=64),
         msd=dict(num_local=4, ratio_local=0.25),
         train=dict(batch_size=32, checkpoint_every=1000, log_every=100),
-        compare=dict(budget_steps=600, fedavg_rounds=5, finetune_steps=150, finetune_per_site=False),
+        compare=dict(budget_steps=600, fedavg_rounds=5, finetune_steps=150, finetune_per_site=False,
+                     label_train_fractions="0.1", label_train_draws=1),
         eval=dict(linear_steps=300),
     ))
     if arg == "demo":  # every row at the demo's model and recipe, one seed, for 2 CPU cores
         c.model.matmul_dtype = "bfloat16"
-        c.compare.update(seeds=1, finetune_per_site=False)
+        c.compare.update(seeds=1, finetune_per_site=False, label_train_fractions="0.01,0.1", label_train_draws=1)
     elif arg not in (None, "", "tiny"):
         raise ValueError(f"configs/compare.py: unknown argument {arg!r} (expected none, 'demo' or 'tiny')")
     if arg == "tiny":  # a seconds-long smoke run of every row (tests)
@@ -70,6 +76,8 @@ def get_config(arg=None):
                                       out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8)
         c.quick_settings.msd.update(num_local=2, ratio_local=0.25)
         c.quick_settings.train.update(batch_size=8)
-        c.quick_settings.compare.update(budget_steps=4, fedavg_rounds=2, finetune_steps=3, seeds=1)
-        c.quick_settings.eval.update(linear_steps=10)
+        c.quick_settings.compare.update(budget_steps=4, fedavg_rounds=2, finetune_steps=3, seeds=1,
+                                        label_train_fractions="0.5")
+        c.quick_settings.eval.update(linear_steps=10, label_fractions="0.5,1.0", label_draws=2,
+                                     bootstrap_resamples=50)
     return c

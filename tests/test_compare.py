@@ -226,6 +226,64 @@ def test_every_row_runs_end_to_end(tiny_run):
     assert "Per-site fine-tuning was off" in open(os.path.join(wd, "comparison.md")).read()
 
 
+def _accuracy(probs, labels):  # independent of evaluation/metrics.py
+    return float(np.mean(np.argmax(probs, axis=1) == labels))
+
+
+def test_paired_differences_of_the_headline_pairs(tiny_run):
+    c, wd, _, _ = tiny_run
+    with open(os.path.join(wd, "comparison.json")) as f:
+        out = json.load(f)
+    got = {(p["a"], p["b"], p["method"]): p for p in out["paired_differences"]}
+    assert set(got) == {("msd_token_upload", "fedavg_msd", "linear"), ("msd_token_upload", "fedavg_msd", "finetune"),
+                        ("msd_token_upload", "finetune_only", "finetune"),
+                        ("msd_token_upload", "no_pretraining", "knn"), ("msd_token_upload", "no_pretraining", "linear"),
+                        ("msd_token_upload", "supervised_scratch", "finetune")}
+    preds = {row: np.load(os.path.join(wd, "runs", row, "seed0", "predictions.npz"))
+             for row in ("msd_token_upload", "fedavg_msd", "finetune_only", "no_pretraining", "supervised_scratch")}
+    by = {r["name"]: r for r in out["rows"]}
+    for (a, b, method), p in got.items():
+        labels = preds[a]["labels"]
+        np.testing.assert_array_equal(labels, preds[b]["labels"])
+        want = _accuracy(preds[a][method], labels) - _accuracy(preds[b][method], labels)
+        assert p["accuracy"]["difference"] == pytest.approx(want, abs=1e-12)
+        lo, hi = p["accuracy"]["ci"]
+        assert lo <= p["accuracy"]["difference"] <= hi
+        # the saved probabilities are the ones the table reports
+        assert by[a][f"{method}_accuracy_mean"] == pytest.approx(_accuracy(preds[a][method], labels))
+    assert "Paired differences" in open(os.path.join(wd, "comparison.md")).read()
+
+
+def test_label_efficiency_rows_of_the_comparison(tiny_run):
+    c, wd, _, _ = tiny_run
+    with open(os.path.join(wd, "comparison.json")) as f:
+        by = {r["name"]: r for r in json.load(f)["rows"]}
+    q = c.quick_settings
+    fractions = sorted(float(v) for v in q.eval.label_fractions.split(","))
+    trained_at = [float(v) for v in q.compare.label_train_fractions.split(",")] + [1.0]
+    # 2 sites x 2 classes x PER_CLASS labelled images; a fraction f takes round(f x 2 PER_CLASS) per class
+    per_class = 2 * PER_CLASS
+    want_methods = {"msd_token_upload": "finetune", "fedavg_msd": "finetune", "centralized_msd": "finetune",
+                    "finetune_only": "finetune_only", "supervised_scratch": "supervised",
+                    "no_pretraining": None, "local_only": None}
+    for row, trained in want_methods.items():
+        le = {(e["method"], e["fraction"]): e for e in by[row]["label_efficiency"]}
+        probes = {"knn", "linear"} if row not in ("finetune_only", "supervised_scratch") else set()
+        want = {(m, f) for m in probes for f in fractions} | ({(trained, f) for f in trained_at} if trained else set())
+        assert set(le) == want, row
+        for (m, f), e in le.items():
+            assert e["num_labelled"] == 2 * min(per_class, max(round(f * per_class), q.eval.label_min_per_class
+                                                                if "label_min_per_class" in q.eval else 2))
+            assert 0.0 <= e["accuracy_ci95"][0] <= e["accuracy"] <= e["accuracy_ci95"][1] <= 1.0, (row, m, f)
+        # with every label the curve ends at the row's own full-label numbers
+        if probes:
+            assert le[("linear", 1.0)]["accuracy"] == pytest.approx(by[row]["linear_accuracy_mean"])
+        if trained:
+            assert le[(trained, 1.0)]["accuracy"] == pytest.approx(by[row]["finetune_accuracy_mean"])
+    assert os.path.getsize(os.path.join(wd, "label_efficiency.png")) > 0
+    assert "Label efficiency" in open(os.path.join(wd, "comparison.md")).read()
+
+
 def test_bytes_are_the_files_moved(tiny_run):
     _, wd, _, _ = tiny_run
     run = os.path.join(wd, "runs", "msd_token_upload", "seed0")
@@ -327,7 +385,7 @@ def test_finetune_only_fine_tunes_the_random_init_and_supervised_gets_the_finetu
     for a, b in zip(jax_leaves(body), jax_leaves(random_body)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert steps == c.compare.finetune_steps and n == len(data.labelled_train)
-    assert traffic == [] and set(extra["own_finetune"]) == {"accuracy", "auc"}
+    assert traffic == [] and np.shape(extra["own_finetune"]) == (len(data.test), 2)  # its test probabilities
     # the row's backbone is the fine-tuned body; per-site fine-tuning starts from the random init
     (_, tuned), = [(name, b) for name, _, b in backbones]
     assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0

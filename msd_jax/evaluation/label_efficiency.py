@@ -20,8 +20,8 @@ from msd_jax.evaluation.knn import knn_predict
 from msd_jax.evaluation.linear import linear_probe
 from msd_jax.evaluation.metrics import accuracy, roc_auc
 
-__all__ = ["parse_fractions", "per_class_counts", "label_subsets", "summarise_draws", "run_probes",
-           "PROBES"]
+__all__ = ["parse_fractions", "per_class_counts", "label_subsets", "distinct_subsets", "probe_probs",
+           "summarise_draws", "run_probes", "PROBES"]
 
 PROBES = ("knn", "linear")
 
@@ -74,7 +74,8 @@ def label_subsets(labels, fractions, draws: int, seed: int, min_per_class: int) 
     return out
 
 
-def _distinct(subsets: list[np.ndarray]) -> list[np.ndarray]:
+def distinct_subsets(subsets: list[np.ndarray]) -> list[np.ndarray]:
+    """The subsets without repeats (in first-seen order): draws that picked the same images."""
     seen, out = set(), []
     for s in subsets:
         key = s.tobytes()
@@ -105,7 +106,8 @@ def summarise_draws(per_draw_probs: list[np.ndarray], test_labels, *, resamples:
     return row
 
 
-def _probe_probs(config, method: str, f_train, y_train, f_test, num_classes: int) -> np.ndarray:
+def probe_probs(config, method: str, f_train, y_train, f_test, num_classes: int) -> np.ndarray:
+    """Test probabilities of the kNN ('knn') or linear ('linear') probe with config.eval's settings."""
     ev = config.eval
     if method == "knn":
         return knn_predict(f_train, y_train, f_test, num_classes, k=ev.knn_k, temperature=ev.knn_temperature)
@@ -129,9 +131,9 @@ def run_probes(config, backbones: dict, train_labels, test_labels, num_classes: 
     rows = []
     for name, (f_train, f_test) in backbones.items():
         for i, fraction in enumerate(fractions):
-            picks = _distinct([per_fraction[i] for per_fraction in subsets])
+            picks = distinct_subsets([per_fraction[i] for per_fraction in subsets])
             for method in PROBES:
-                probs = [_probe_probs(config, method, f_train[s], train_labels[s], f_test, num_classes)
+                probs = [probe_probs(config, method, f_train[s], train_labels[s], f_test, num_classes)
                          for s in picks]
                 rows.append({"backbone": name, "method": method, "fraction": fraction,
                              "num_labelled": int(len(picks[0])),

@@ -125,13 +125,15 @@ def linear_probe(train_features, train_labels, test_features, num_classes: int, 
 def evaluate_features(train_features, train_labels, test_features, test_labels, num_classes, *,
                       knn_k: int, knn_temperature: float, linear_steps: int, linear_optimizer: str,
                       linear_lr: float, linear_weight_decay: float, seed: int,
-                      bootstrap_resamples: int = 0) -> dict:
+                      bootstrap_resamples: int = 0, probs_out: dict | None = None) -> dict:
     """Run both probes and score them on the test set.
 
     Returns {"knn": {"accuracy": float, "auc": float}, "linear": {"accuracy": float,
     "auc": float}}; auc is nan where undefined (a single class in test_labels). With
     bootstrap_resamples > 0 each also holds "accuracy_ci95" and "auc_ci95" [low, high]
     (intervals.scores_with_intervals, resampled from `seed`: both probes on the same resamples).
+    `probs_out`, when given, receives each probe's test probabilities under the same names (for
+    paired comparisons of two backbones on the same test images).
     """
     num_classes = _check_num_classes(num_classes)
     test_features = _check_features(test_features, "test_features")
@@ -141,15 +143,18 @@ def evaluate_features(train_features, train_labels, test_features, test_labels, 
     lin_probs = linear_probe(train_features, train_labels, test_features, num_classes,
                              steps=linear_steps, learning_rate=linear_lr,
                              weight_decay=linear_weight_decay, seed=seed, optimizer=linear_optimizer)
+    if probs_out is not None:
+        probs_out.update(knn=knn_probs, linear=lin_probs)
     return {name: scores_with_intervals(probs, test_labels, resamples=bootstrap_resamples, seed=seed)
             for name, probs in (("knn", knn_probs), ("linear", lin_probs))}
 
 
-def evaluate_with_config(config, f_train, y_train, f_test, y_test, num_classes: int) -> dict:
+def evaluate_with_config(config, f_train, y_train, f_test, y_test, num_classes: int, *,
+                         probs_out: dict | None = None) -> dict:
     """`evaluate_features` with the probe settings of config.eval and the config seed: the one
     evaluation every report (report.json, eval_by_site, the comparison) uses."""
     ev = config.eval
     return evaluate_features(f_train, y_train, f_test, y_test, num_classes, knn_k=ev.knn_k,
                              knn_temperature=ev.knn_temperature, linear_steps=ev.linear_steps,
                              linear_optimizer=ev.linear_optimizer, linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
-                             seed=config.seed, bootstrap_resamples=ev.bootstrap_resamples)
+                             seed=config.seed, bootstrap_resamples=ev.bootstrap_resamples, probs_out=probs_out)

@@ -9,6 +9,7 @@ from typing import Callable
 import jax
 
 from msd_jax.data import sites as sites_lib
+from msd_jax.experiments.compare import label_curves
 from msd_jax.experiments.compare.budget import plan_budget
 from msd_jax.experiments.compare.needs import check_rows
 from msd_jax.experiments.compare.report import aggregate, write_ablation, write_outputs
@@ -102,6 +103,7 @@ def run_compare(config, workdir: str, log: Callable[[str], None] = print) -> lis
     comparison.json/.md/.png in `workdir`. Returns the aggregated rows."""
     config = apply_quick(config)
     check_config(config)
+    label_curves.fractions(config)  # a bad fraction fails before any row trains
     os.makedirs(workdir, exist_ok=True)
     if config.compare.sweep:
         return run_sweep(config, workdir, log)

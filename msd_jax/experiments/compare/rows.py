@@ -15,9 +15,8 @@ import numpy as np
 from msd_jax import parties
 from msd_jax.encryption import encrypt
 from msd_jax.encryption.modes import EncryptionMode
-from msd_jax.evaluation.metrics import accuracy, roc_auc
 from msd_jax.experiments.compare.evaluate import evaluate_row
-from msd_jax.experiments.compare.results import RESULT, write_json
+from msd_jax.experiments.compare.results import RESULT, write_json, write_predictions
 from msd_jax.evaluation.finetune import finetune
 from msd_jax.experiments.compare.settings import protocol_config
 from msd_jax.layout import Workdir
@@ -120,9 +119,8 @@ def _run_finetune_only(config, model, mode, wd, data, plan, log):
     r = finetune(config, model, head, body, data.labelled_train, data.test, steps=plan["steps"]["finetune"],
                  train_head=bool(config.compare.finetune_train_head), seed=config.seed, log=log)
     tuned_head = {**head, "patch_embed": r["params"]["patch_embed"]} if "patch_embed" in r["params"] else head
-    own = {"accuracy": float(r["accuracy"]), "auc": float(r["auc"])}
     return ([("finetuned", tuned_head, r["params"]["body"])], [],
-            {"own_finetune": own, "finetune_start": [(head, body)]})
+            {"own_finetune": np.asarray(r["probs"]), "finetune_start": [(head, body)]})
 
 
 def _run_supervised(config, model, mode, wd, data, plan, log):
@@ -133,10 +131,9 @@ def _run_supervised(config, model, mode, wd, data, plan, log):
     params = supervised.train_supervised(config, model, data.labelled_train,
                                          total_steps=plan["steps"]["server"], log=log)
     probs = np.asarray(supervised.predict_supervised(config, model, params, data.test.images))
-    own = {"accuracy": accuracy(probs, data.test.labels), "auc": roc_auc(probs, data.test.labels)}
     traffic = comm.raw_upload_traffic(raw, [n for n, _ in data.sites], labels=True,
                                       label_counts={n: len(s) for n, s in data.sites})
-    return [("supervised", params["head"], params["body"])], traffic, {"own_classifier": own}
+    return [("supervised", params["head"], params["body"])], traffic, {"own_finetune": probs}
 
 
 RUNNERS: dict[str, Callable] = {
@@ -169,12 +166,9 @@ def run_row(config, row: str, run_dir: str, data, plan: dict, log=print, *,
     finetune_sets = extra.pop("finetune_sets", None)
     own_finetune, finetune_start = extra.pop("own_finetune", None), extra.pop("finetune_start", None)
     t1 = time.perf_counter()
-    ev = evaluate_row(config, model, backbones, data, log, finetune_sets=finetune_sets,
-                      own_finetune=own_finetune, finetune_start=finetune_start)
-    if row == "supervised_scratch":
-        # 'fine-tuning only': the supervised network is already fine-tuned; its own test predictions
-        ev["finetune_of_backbone"] = ev["finetune"]
-        ev["finetune"] = extra["own_classifier"]
+    ev, probs = evaluate_row(config, row, model, backbones, data, plan[row], log, finetune_sets=finetune_sets,
+                             own_finetune=own_finetune, finetune_start=finetune_start)
+    write_predictions(run_dir, probs, data.test.labels)
     eval_s = time.perf_counter() - t1
     tot = comm.totals(traffic)
     result = {"row": row, "seed": int(config.seed), **ev,
