@@ -7,8 +7,8 @@ run's labelled train split and is scored on its test split, next to the linear p
 Variants (on top of the eval.finetune_* defaults of the config): 'old' random head, lr 4e-3 per
 256, no validation split (the last step is tested); 'lp' linear-probe head at lr 1e-3, no
 selection; 'val' old + model selection on 10 % of the train split; 'lr' old + lr 1e-3; 'new'
-linear-probe head + selection + lr 1e-3; 'new_lr4' the same at lr 4e-3. Only the run's backbone
-and report.json are read.
+linear-probe head + selection + lr 1e-3; 'new_lr4', 'new_lr1e4', 'new_lr3e5' the same at lr 4e-3,
+1e-4, 3e-5 per 256. Only the run's backbone and report.json are read.
 """
 import argparse
 import importlib.util
@@ -29,14 +29,18 @@ VARIANTS = {
     "lr": dict(finetune_lr=1e-3),
     "new": dict(finetune_init="linear_probe", finetune_val_fraction=0.1, finetune_lr=1e-3),
     "new_lr4": dict(finetune_init="linear_probe", finetune_val_fraction=0.1),
+    "new_lr1e4": dict(finetune_init="linear_probe", finetune_val_fraction=0.1, finetune_lr=1e-4),
+    "new_lr3e5": dict(finetune_init="linear_probe", finetune_val_fraction=0.1, finetune_lr=3e-5),
 }
 
 
 def load_config(path):
+    """'configs/NAME.py' or 'configs/NAME.py:ARG', as --config takes it."""
+    path, _, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location("cfg", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config()
+    return mod.get_config(arg) if arg else mod.get_config()
 
 
 def main():
