@@ -31,6 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
         # before the others stop with an error naming it (instead of hanging in a collective)
         timeout_s=300,
         heartbeat_timeout_s=100,
+        # the MSD trainers' batches come from this many contiguous row groups, each process loading
+        # only its groups' rows (docs/distributed.md); 0 = one per process. Set it to another run's
+        # process count to draw the same batches as that run.
+        row_groups=0,
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -238,6 +242,9 @@ def _check_distributed(d: ml_collections.ConfigDict, multihost: bool, mode: str)
     for key in ("timeout_s", "heartbeat_timeout_s"):
         if d[key] < 1:
             raise ValueError(f"config.distributed.{key}: expected >= 1 (seconds), got {d[key]}")
+    if not isinstance(d.row_groups, int) or isinstance(d.row_groups, bool) or d.row_groups < 0:
+        raise ValueError(f"config.distributed.row_groups: expected an integer >= 0 (0: one row group per "
+                         f"process), got {d.row_groups!r}")
     if multihost and mode != "server":
         raise ValueError(f"config.multihost: several processes run --mode server only (the server's "
                          f"training), not --mode {mode}")
@@ -254,6 +261,10 @@ def _check_distributed(d: ml_collections.ConfigDict, multihost: bool, mode: str)
     if not 0 <= d.process_id < d.num_processes:
         raise ValueError(f"config.distributed.process_id: expected 0 .. {d.num_processes - 1} "
                          f"(config.distributed.num_processes={d.num_processes}), got {d.process_id}")
+    if d.row_groups % d.num_processes:
+        raise ValueError(f"config.distributed.row_groups: {d.row_groups} row groups cannot be shared by "
+                         f"config.distributed.num_processes={d.num_processes} processes (expected 0 or a "
+                         "multiple of it)")
     if mode != "server":
         raise ValueError(f"config.distributed.coordinator: several processes run --mode server only "
                          f"(the server's training), not --mode {mode}")

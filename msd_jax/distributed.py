@@ -3,8 +3,9 @@
 Started from config.distributed (coordinator 'HOST:PORT', num_processes, process_id: an explicit
 start, by hand or from any launcher) or from config.multihost (JAX reads the launcher's
 environment: SLURM, Open MPI, Cloud TPU). Every process runs the same program; the device mesh
-spans every process's devices (msd/step.py `make_mesh`), each process feeds its own rows of every
-global batch (msd/step.py `shard_batch`), Orbax saves and restores checkpoints cooperatively, and
+spans every process's devices (msd/step.py `make_mesh`), each process loads only the rows of its
+row groups and feeds its block of every global batch from them (training/batches.py, msd/step.py
+`shard_batch`), Orbax saves and restores checkpoints cooperatively, and
 only the writer (process 0) writes the work directory's metrics, TensorBoard events, records,
 backbone description and report.
 

@@ -83,6 +83,8 @@ def test_validate_names_the_field():
     (dict(coordinator="node0:1234", num_processes=2, process_id=2), "server", "config.distributed.process_id"),
     (dict(coordinator="node0:1234", num_processes=2), "all", "config.distributed.coordinator"),
     (dict(heartbeat_timeout_s=0), "server", "config.distributed.heartbeat_timeout_s"),
+    (dict(row_groups=-1), "server", "config.distributed.row_groups"),
+    (dict(coordinator="node0:1234", num_processes=2, row_groups=3), "server", "config.distributed.row_groups"),
 ])
 def test_validate_checks_the_distributed_keys(fields, mode, key):
     c = config_lib.base_config()

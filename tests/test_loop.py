@@ -51,12 +51,12 @@ def toy_step(mesh, nan_from: int = 10 ** 9):
     return jax.jit(step_fn, in_shardings=(rep, bat, bat, rep, rep), out_shardings=(rep, rep))
 
 
-def run_toy(config, ckpt_dir=None, meta=None, logs=None, nan_from=10 ** 9, **kw):
+def run_toy(config, ckpt_dir=None, meta=None, logs=None, nan_from=10 ** 9, order=None, **kw):
     mesh = step_lib.make_mesh()
     state = Counter(step=jnp.zeros((), jnp.int32), total=jnp.zeros((), jnp.float32))
     return loop.run(config, party="toy", step_fn=toy_step(mesh, nan_from), state=state,
                     arrays=(np.arange(N, dtype=np.float32),),
-                    order=batches.BatchOrder(jax.random.key(0), N, B), mesh=mesh,
+                    order=order or batches.BatchOrder(jax.random.key(0), N, B), mesh=mesh,
                     key=jax.random.key(1), total_steps=TOTAL,
                     ckpt_dir=None if ckpt_dir is None else str(ckpt_dir),
                     meta={"party": "toy", "total_steps": TOTAL} if meta is None else meta,
@@ -83,6 +83,21 @@ def test_run_sums_every_batch_and_logs_each_step(tmp_path):
     step_lines = [l for l in logs if "] step " in l]
     assert len(step_lines) == TOTAL and all("img/s ETA " in l and "lr 5.00e-01" in l for l in step_lines)
     assert "training 6 steps on 8 images, batch 4 on" in logs[0]
+
+
+def test_row_groups_sum_every_row_and_held_rows_must_cover_the_process(tmp_path):
+    """Batches from 2 row groups of 4 rows (2 from each): an epoch still sums every example once.
+    Arrays that miss some of this process's rows are refused before any step."""
+    grouped = batches.BatchOrder(jax.random.key(0), N, B, groups=2)
+    out = run_toy(toy_config(), order=grouped)
+    assert float(out.total) == SCALE * EPOCH_SUM * TOTAL // 2
+    mesh = step_lib.make_mesh()
+    state = Counter(step=jnp.zeros((), jnp.int32), total=jnp.zeros((), jnp.float32))
+    with pytest.raises(ValueError, match=r"rows \[0, 8\) of 8 \(2 row groups.*holds rows \[2, 8\)"):
+        loop.run(toy_config(), party="toy", step_fn=toy_step(mesh), state=state,
+                 arrays=(np.arange(2, N, dtype=np.float32),), order=grouped, mesh=mesh,
+                 key=jax.random.key(1), total_steps=TOTAL, step_args=(jnp.float32(SCALE),),
+                 log=lambda _: None, row_start=2)
 
 
 def test_stop_then_resume_equals_uninterrupted(tmp_path):

@@ -1,6 +1,8 @@
 """Server training on jax.distributed, for real: two `python -m msd_jax.main --mode server`
 processes on 127.0.0.1 (CPU devices, gloo collectives), each with two devices, against one process
-with one device.
+with one device. Every run draws its batches from 2 row groups (the 2-process runs by default, one
+per process; the 1-process runs by config.distributed.row_groups=2), so every topology trains on the
+same batches, and each of the 2 processes loads only the shards holding its rows.
 
 One encrypted work directory is made once; every server run trains on a copy of it. Checkpoints are
 taken every 2 of 4 steps. A run resumed from another topology's step-2 checkpoint trains steps 3-4
@@ -11,8 +13,9 @@ JAX's error naming it.
 Tolerance: every topology computes the same sums over the same rows of the same global batch, in
 another order (per-device partial sums, then the all-reduce across devices and processes); float32
 rounding of that order, carried through a few Adam steps, stays below 1e-4 relative to
-max(1, |value|) on losses and parameters (measured: 4.8e-7 on the losses, 1e-8 on the
-backbone). Wrong rows, a wrong restored state or a skipped step move them by 1e-2 or more.
+max(1, |value|) on losses and parameters (measured: 2.4e-7 on the losses, 1.3e-8 on the
+backbone). Other batches (the 1-process run with 1 row group: 0.13), a wrong restored state or a
+skipped step move them by 1e-2 or more.
 """
 import json
 import os
@@ -29,6 +32,8 @@ from conftest import class_folder
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TOL = 1e-4
 STEPS = 4
+GROUPS = 2
+SHARD_SIZE = 4
 
 ARGS = [
     "--config", "configs/demo.py:quick", "--config.data.name=folders",
@@ -60,14 +65,14 @@ def _free_port():
 def server(tmp, wd, processes, devices, *extra):
     """`--mode server` on `wd` by `processes` processes of `devices` CPU devices each."""
     args = [sys.executable, "-m", "msd_jax.main", *ARGS, f"--workdir={wd}", "--mode=server", *extra]
-    if processes > 1:
+    if processes > 1:  # config.distributed.row_groups = 0: one row group per process
         port = _free_port()
         args_of = [args + [f"--config.distributed.coordinator=127.0.0.1:{port}",
                            f"--config.distributed.num_processes={processes}",
                            f"--config.distributed.process_id={i}",
                            "--config.distributed.timeout_s=120"] for i in range(processes)]
     else:
-        args_of = [args]
+        args_of = [args + [f"--config.distributed.row_groups={GROUPS}"]]
     procs = [subprocess.Popen(a, cwd=REPO, env=_env(tmp, devices), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for a in args_of]
     try:
@@ -131,16 +136,17 @@ def copy_at(src, dst, step):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
-    sites = [class_folder(tmp / "site_a", 1, 8), class_folder(tmp / "site_b", 2, 8)]
+    # 16 and 12 images in shards of 4: the two processes' rows [0, 14) and [14, 28) split a shard
+    sites = [class_folder(tmp / "site_a", 1, 8), class_folder(tmp / "site_b", 2, 6)]
     base = tmp / "encrypted"
     proc = subprocess.run([sys.executable, "-m", "msd_jax.main", *ARGS, f"--workdir={base}", "--mode=encrypt",
                            f"--config.data.site_dirs={','.join(sites)}", f"--config.data.test_dir={sites[0]}",
-                           f"--config.data.cache_dir={tmp / 'tfds'}"],
+                           f"--config.data.cache_dir={tmp / 'tfds'}", f"--config.encrypt.shard_size={SHARD_SIZE}"],
                           cwd=REPO, env=_env(tmp, 1), capture_output=True, text=True, timeout=600)
     _check(proc, proc.stdout, proc.stderr)
     out = {"tmp": tmp, "base": base}
     out["ref"] = str(shutil.copytree(base, tmp / "ref_1x1"))
-    server(tmp, out["ref"], 1, 1)
+    out["ref_stdout"] = server(tmp, out["ref"], 1, 1)
     out["two"] = str(shutil.copytree(base, tmp / "two_2x2"))
     out["two_stdout"] = server(tmp, out["two"], 2, 2)
     return out
@@ -156,6 +162,48 @@ def test_two_processes_train_as_one(runs):
     assert max(losses(ref).values()) - min(losses(ref).values()) > 100 * TOL
     for out in runs["two_stdout"]:
         assert "on 4 cpu device(s)" in out
+
+
+def manifest(wd, site) -> dict:
+    with open(os.path.join(wd, "shards", site, "manifest.json")) as f:
+        return json.load(f)
+
+
+def expected_reads(wd, process, processes) -> str:
+    """What process `process` of `processes` must report loading, from the manifests alone: its
+    rows (its row groups of the sites' rows concatenated in sorted order: np.array_split of the
+    rows into GROUPS groups), the rows of each site they cover, the shards holding those and their
+    bytes."""
+    sites = sorted(os.listdir(os.path.join(wd, "shards")))
+    manifests = [manifest(wd, s) for s in sites]
+    total = sum(m["num_images"] for m in manifests)
+    groups = np.array_split(np.arange(total), GROUPS)
+    mine = np.concatenate(groups[process * GROUPS // processes:(process + 1) * GROUPS // processes])
+    lo, hi = int(mine[0]), int(mine[-1]) + 1
+    reads, files, nbytes, offset = [], 0, 0, 0
+    for site, m in zip(sites, manifests):
+        a, b = max(lo - offset, 0), min(hi - offset, m["num_images"])
+        offset += m["num_images"]
+        if a >= b:
+            continue
+        ends = np.cumsum([e["num_images"] for e in m["shards"]])
+        read = [i for i, end in enumerate(ends) if end - m["shards"][i]["num_images"] < b and end > a]
+        reads.append(f"{site} rows [{a}, {b}) from shards {read[0]}-{read[-1]}")
+        files += len(read)
+        nbytes += sum(m["shards"][i]["bytes"] for i in read)
+    return (f"[server] process {process} of {processes} loads rows [{lo}, {hi}) of {total}: "
+            f"{'; '.join(reads)} ({files} shard files, {nbytes} bytes), {GROUPS} row groups")
+
+
+def test_each_process_loads_only_its_rows(runs):
+    all_files = sum(len(manifest(runs["base"], s)["shards"]) for s in os.listdir(os.path.join(runs["base"], "shards")))
+    for p, out in enumerate(runs["two_stdout"]):
+        want = expected_reads(runs["two"], p, 2)
+        print(want)
+        assert want in out, out[-3000:]
+        assert int(want.split("(")[1].split(" shard files")[0]) < all_files  # a share, not all
+    one = expected_reads(runs["ref"], 0, 1)
+    assert f"({all_files} shard files" in one and one in runs["ref_stdout"][0]
 
 
 def test_only_process_zero_writes_the_shared_files(runs):

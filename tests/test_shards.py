@@ -318,3 +318,47 @@ def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_shards(str(out), "site", _tokens(4), dtype="float32", head_fingerprint=FP)
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A range of rows (a server process loads only its rows)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lo, hi", [(0, 10), (3, 7), (4, 8), (5, 6), (9, 10), (6, 6)])
+def test_rows_read_only_the_shards_holding_them(tmp_path, lo, hi):
+    """10 rows in shards of 4: files hold rows [0, 4), [4, 8), [8, 10). Every other file is
+    corrupted, so a read of any of them would fail; the rows equal the written ones."""
+    x = _tokens(10)
+    out = tmp_path / "s"
+    m = write_shards(str(out), "s", x, dtype="float32", head_fingerprint=FP, shard_size=4)
+    touched = [i for i, (a, b) in enumerate([(0, 4), (4, 8), (8, 10)]) if a < hi and b > lo]
+    assert shards.shards_for_rows(m, lo, hi) == touched
+    for i, entry in enumerate(m["shards"]):
+        if i not in touched:
+            path = out / entry["file"]
+            path.write_bytes(b"\0" * path.stat().st_size)  # same size, wrong hash
+    got, _ = load_shards(str(out), FP, tokens_per_image=5, embed_dim=8, rows=(lo, hi))
+    np.testing.assert_array_equal(got, x[lo:hi])
+    assert got.dtype == np.float32
+    if len(touched) < 3:
+        with pytest.raises(ShardError, match="SHA-256"):
+            load_shards(str(out), FP)
+
+
+def test_rows_still_check_the_manifest_and_every_file_read(tmp_path):
+    out = tmp_path / "s"
+    m = write_shards(str(out), "s", _tokens(10), dtype="bfloat16", head_fingerprint=FP, shard_size=4)
+    with pytest.raises(ShardError, match="head_fingerprint"):
+        load_shards(str(out), "cd" * 32, rows=(8, 10))
+    with pytest.raises(ShardError, match="embed_dim"):
+        load_shards(str(out), FP, tokens_per_image=5, embed_dim=9, rows=(8, 10))
+    with pytest.raises(ShardError, match=r"rows \[8, 11\).*num_images"):
+        load_shards(str(out), FP, rows=(8, 11))
+    path = out / m["shards"][2]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="SHA-256") as e:
+        load_shards(str(out), FP, rows=(7, 9))
+    assert str(path) in str(e.value)
+    got, _ = load_shards(str(out), FP, rows=(0, 8))
+    assert got.dtype == ml_dtypes.bfloat16 and got.shape == (8, 5, 8)

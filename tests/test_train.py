@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from msd_jax.training import train
+from msd_jax.training import batches
 from msd_jax.training.batches import BatchOrder, batch_size_for
 from msd_jax.training.checkpoints import CheckpointMismatchError
 from msd_jax.training.metrics import TrainingDivergedError
@@ -251,6 +252,80 @@ def test_batch_order_epochs(n, b):
     if n > 3:
         assert not np.array_equal(np.concatenate([third(s) for s in range(3 * spe)]),
                                   np.concatenate(epochs))
+
+
+def old_order(key, n, b, step):
+    """The single-stream order every run used before row groups: epoch e is
+    permutation(fold_in(key, e), n), cut into batches of b."""
+    epoch, pos = divmod(step, n // b)
+    return np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))[pos * b:(pos + 1) * b]
+
+
+@pytest.mark.parametrize("n,b", [(12, 4), (10, 3), (100, 16)])
+def test_one_row_group_is_the_single_stream_order(n, b):
+    order = BatchOrder(jax.random.key(5), n, b, groups=1)
+    assert order.steps_per_epoch == n // b
+    for step in range(3 * (n // b) + 1):
+        np.testing.assert_array_equal(order(step), old_order(jax.random.key(5), n, b, step))
+
+
+def test_row_groups_against_a_numpy_reference():
+    """14 rows in 3 groups: sizes 5, 5, 4 (array_split: the first 14 % 3 = 2 groups one longer),
+    batch 6 = 2 rows from each group, an epoch = 4 // 2 = 2 steps (the smallest group)."""
+    key, n, b, g = jax.random.key(7), 14, 6, 3
+    order = BatchOrder(key, n, b, groups=g)
+    np.testing.assert_array_equal(order.bounds, [0, 5, 10, 14])
+    assert order.steps_per_epoch == 2
+    starts, sizes = [0, 5, 10], [5, 5, 4]
+    for step in range(7):
+        epoch, pos = divmod(step, 2)
+        want = []
+        for grp in range(g):
+            perm = np.asarray(jax.random.permutation(
+                jax.random.fold_in(jax.random.fold_in(key, grp), epoch), sizes[grp]))
+            want += [starts[grp] + int(r) for r in perm[2 * pos:2 * pos + 2]]
+        got = order(step)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
+    # within an epoch no row twice; each group's slots hold that group's rows only
+    epoch0 = np.concatenate([order(0), order(1)])
+    assert len(set(epoch0.tolist())) == 12
+    for grp in range(g):
+        block = np.concatenate([order(s)[2 * grp:2 * grp + 2] for s in range(2)])
+        assert block.min() >= starts[grp] and block.max() < starts[grp] + sizes[grp]
+    # 3 processes: process p's block of every batch is its group's rows; 1 process owns them all
+    for p in range(3):
+        lo, hi = order.process_rows(p, 3)
+        assert (lo, hi) == (starts[p], starts[p] + sizes[p])
+        for step in range(4):
+            block = np.array_split(order(step), 3)[p]
+            assert block.min() >= lo and block.max() < hi
+    assert order.process_rows(0, 1) == (0, 14)
+    # another group count, another order; a fresh instance, queried backwards, the same
+    assert not np.array_equal(order(0), BatchOrder(key, n, b, groups=1)(0))
+    again = BatchOrder(key, n, b, groups=g)
+    for step in reversed(range(5)):
+        np.testing.assert_array_equal(again(step), order(step))
+
+
+def test_row_groups_of_the_config():
+    assert batches.row_groups_for(0, 1) == 1 and batches.row_groups_for(0, 4) == 4
+    assert batches.row_groups_for(2, 1) == 2 and batches.row_groups_for(4, 2) == 4
+    for requested, procs in ((3, 2), (1, 2), (-1, 1)):
+        with pytest.raises(ValueError, match=r"config\.distributed\.row_groups"):
+            batches.row_groups_for(requested, procs)
+    assert batches.process_rows(10, 4, 1, 2) == (6, 10)      # groups 3, 3, 2, 2: process 1 owns 2, 3
+    with pytest.raises(ValueError, match="row_groups"):
+        batches.process_rows(10, 3, 0, 2)
+    with pytest.raises(ValueError, match="row_groups"):
+        batches.group_bounds(3, 4)
+    assert batch_size_for(8, 32, 4, 2) == 8
+    assert batch_size_for(8, 13, 1, 2) == 8
+    assert batch_size_for(8, 5, 1, 2) == 4                       # groups of 3 and 2: 2 rows each
+    assert batch_size_for(12, 100, 4, 6) == 12
+    assert batch_size_for(12, 20, 4, 6) == 12                    # 20 // 6 * 6 = 18, lcm(4, 6) = 12
+    with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the 4 row groups \(config\.distributed\.row_groups\)"):
+        batch_size_for(6, 100, 2, 4)
 
 
 def test_party_key_differs_by_party_and_seed():

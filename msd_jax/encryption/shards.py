@@ -205,15 +205,10 @@ def _read_npy(path: str, stored: np.dtype, shape: tuple) -> np.ndarray:
         raise ShardError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from e
 
 
-def load_shards(shard_dir: str, expected_fingerprint: Optional[str] = None, *,
-                tokens_per_image: Optional[int] = None, embed_dim: Optional[int] = None
-                ) -> tuple[np.ndarray, dict]:
-    """Verifies a site's shard folder and returns (tokens [N, n, D] in the stored dtype, manifest).
-    Checked, in this order, before anything is trained on: the manifest's fields and types, the
-    head fingerprint and the token shape when given, then each shard: a regular file inside the
-    folder, of the listed size and SHA-256, a .npy header of the listed dtype and shape, finite
-    values within trust.MAX_ABS_VALUE."""
-    manifest = read_manifest(shard_dir)
+def check_manifest(shard_dir: str, manifest: dict, expected_fingerprint: Optional[str] = None, *,
+                   tokens_per_image: Optional[int] = None, embed_dim: Optional[int] = None) -> None:
+    """A read manifest's token shape and head fingerprint against what the reader expects (each
+    when given)."""
     mpath = os.path.join(shard_dir, MANIFEST)
     if tokens_per_image is not None or embed_dim is not None:
         check_against_model(shard_dir, manifest, tokens_per_image=tokens_per_image or manifest["tokens_per_image"],
@@ -222,22 +217,61 @@ def load_shards(shard_dir: str, expected_fingerprint: Optional[str] = None, *,
         raise ShardError(f"{mpath}: field 'head_fingerprint' is {manifest['head_fingerprint'][:16]}..., "
                          f"expected {expected_fingerprint[:16]}... (the shards were encrypted with "
                          "another head than this server's; re-encrypt with the distributed head)")
-    chunks = []
+
+
+def shard_starts(manifest: dict) -> np.ndarray:
+    """[num_shards + 1]: shard i holds the folder's rows [starts[i], starts[i + 1])."""
+    return np.concatenate([[0], np.cumsum([e["num_images"] for e in manifest["shards"]])]).astype(np.int64)
+
+
+def shards_for_rows(manifest: dict, lo: int, hi: int) -> list[int]:
+    """The indices of the shards holding any of the folder's rows [lo, hi)."""
+    starts = shard_starts(manifest)
+    return [i for i in range(len(manifest["shards"])) if starts[i] < hi and starts[i + 1] > lo]
+
+
+def load_shards(shard_dir: str, expected_fingerprint: Optional[str] = None, *,
+                tokens_per_image: Optional[int] = None, embed_dim: Optional[int] = None,
+                rows: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, dict]:
+    """Verifies a site's shard folder and returns (tokens [N, n, D] in the stored dtype, manifest);
+    with `rows` = (lo, hi), only the folder's rows [lo, hi), read from the shards holding them
+    (`shards_for_rows`) and no other. Checked, in this order, before anything is trained on: the
+    manifest's fields and types, the head fingerprint and the token shape when given, then each
+    shard read: a regular file inside the folder, of the listed size and SHA-256, a .npy header of
+    the listed dtype and shape, finite values within trust.MAX_ABS_VALUE."""
+    manifest = read_manifest(shard_dir)
+    mpath = os.path.join(shard_dir, MANIFEST)
+    check_manifest(shard_dir, manifest, expected_fingerprint, tokens_per_image=tokens_per_image,
+                   embed_dim=embed_dim)
+    lo, hi = (0, manifest["num_images"]) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= lo <= hi <= manifest["num_images"]:
+        raise ShardError(f"{mpath}: rows [{lo}, {hi}) asked for, but the folder holds rows "
+                         f"[0, {manifest['num_images']}) (field 'num_images')")
     shape = (manifest["tokens_per_image"], manifest["embed_dim"])
     stored = np.dtype(np.uint16) if manifest["dtype"] == "bfloat16" else np.dtype(DTYPES[manifest["dtype"]])
-    for i, entry in enumerate(manifest["shards"]):
-        path = _shard_path(shard_dir, mpath, i, entry)
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise ShardError(f"{path}: SHA-256 {digest[:16]}... does not match the manifest's "
-                             f"{entry['sha256'][:16]}... (corrupted or altered in transit)")
-        chunk = _from_storage(_read_npy(path, stored, (entry["num_images"],) + shape), manifest["dtype"])
-        try:
-            trust.check_values(chunk, f"{path}: tokens")
-        except trust.InputError as e:
-            raise ShardError(str(e)) from None
-        chunks.append(chunk)
+    starts = shard_starts(manifest)
+    chunks = [_from_storage(np.zeros((0,) + shape, stored), manifest["dtype"])]
+    for i in shards_for_rows(manifest, lo, hi):
+        chunk = _verified_shard(shard_dir, mpath, i, manifest, stored, shape)
+        chunks.append(chunk[max(lo - starts[i], 0):hi - starts[i]])
     return np.concatenate(chunks), manifest
+
+
+def _verified_shard(shard_dir: str, mpath: str, i: int, manifest: dict, stored: np.dtype,
+                    shape: tuple) -> np.ndarray:
+    """Shard i's tokens, after its size, SHA-256, .npy header and values are checked."""
+    entry = manifest["shards"][i]
+    path = _shard_path(shard_dir, mpath, i, entry)
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise ShardError(f"{path}: SHA-256 {digest[:16]}... does not match the manifest's "
+                         f"{entry['sha256'][:16]}... (corrupted or altered in transit)")
+    chunk = _from_storage(_read_npy(path, stored, (entry["num_images"],) + shape), manifest["dtype"])
+    try:
+        trust.check_values(chunk, f"{path}: tokens")
+    except trust.InputError as e:
+        raise ShardError(str(e)) from None
+    return chunk
 
 
 def shard_bytes(shard_dir: str) -> int:

@@ -319,20 +319,25 @@ def release_host_memory() -> None:
         pass
 
 
-def shard_batch(mesh: Mesh, *arrays):
-    """Place the global batch (host arrays) on the mesh, split along the batch axis. With several
-    processes every process draws the same global batch (the batch order is seeded, not
-    process-dependent) and puts on its devices only its own rows: with P processes of D devices
-    each and a global batch of B rows (a multiple of P * D), process p holds rows
-    [p * B / P, (p + 1) * B / P), its d-th device rows [(p * D + d) * B / (P * D), ...) (the mesh
-    orders devices by process). One global step is therefore the same sum over the same rows on
-    any process count; only the order of the gradient all-reduce differs."""
+def process_block(batch: np.ndarray) -> np.ndarray:
+    """This process's block of a global batch (all of it with one process): with P processes and a
+    global batch of B rows (a multiple of P), process p's block is rows [p * B / P, (p + 1) * B / P)."""
+    return np.array_split(batch, jax.process_count())[jax.process_index()]
+
+
+def shard_batch(mesh: Mesh, *blocks):
+    """Place a global batch on the mesh, split along the batch axis, from this process's block of
+    it (`process_block`; the whole batch with one process). With P processes of D devices each and
+    a global batch of B rows (a multiple of P * D), process p holds rows [p * B / P, (p + 1) * B / P),
+    its d-th device rows [(p * D + d) * B / (P * D), ...) (the mesh orders devices by process). One
+    global step is therefore the same sum over the same rows on any process count; only the order
+    of the gradient all-reduce differs."""
     sharding = NamedSharding(mesh, P("data"))
     if jax.process_count() == 1:
-        return tuple(jax.device_put(a, sharding) for a in arrays)
-    n, i = jax.process_count(), jax.process_index()
-    return tuple(jax.make_array_from_process_local_data(sharding, np.array_split(a, n)[i], a.shape)
-                 for a in arrays)
+        return tuple(jax.device_put(a, sharding) for a in blocks)
+    n = jax.process_count()
+    return tuple(jax.make_array_from_process_local_data(sharding, a, (len(a) * n,) + a.shape[1:])
+                 for a in blocks)
 
 
 def replicate(mesh: Mesh, tree):

@@ -18,7 +18,7 @@ from msd_jax.encryption import encrypt
 from msd_jax.encryption.modes import EncryptionMode
 from msd_jax.training import train
 from msd_jax.protocols import model_io, pretrained
-from msd_jax.protocols.token_upload import load_received, load_uploaded_tokens
+from msd_jax.protocols.token_upload import TokenRows, load_process_rows, load_received, uploaded_dirs
 from msd_jax.layout import PROXY, Workdir
 from msd_jax.models import vit
 
@@ -62,14 +62,17 @@ def merged_init(site_params: list, initial, how: str):
 
 
 def distillation_tokens(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir,
-                        fingerprint: str) -> np.ndarray:
-    """The tokens the server distils on: its proxy set or the uploaded site shards."""
+                        fingerprint: str, log=print) -> TokenRows:
+    """This process's rows of the tokens the server distils on: its proxy set or the uploaded site
+    shards."""
     if config.merge.data == "proxy":
         if not os.path.isdir(wd.shards(PROXY)):
             raise trust.InputError(f"{wd.shards(PROXY)}: no proxy shards (config.merge.data='proxy' "
                                     "needs a proxy set encrypted with the same head)")
-        return load_received(config, model, mode, wd.shards(PROXY), fingerprint)
-    return load_uploaded_tokens(config, model, mode, wd, fingerprint)
+        dirs = [wd.shards(PROXY)]
+    else:
+        dirs = uploaded_dirs(wd)
+    return load_process_rows(config, model, mode, dirs, fingerprint, "server_merge", log)
 
 
 def merge(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=print, *,
@@ -84,12 +87,13 @@ def merge(config, model: vit.ViTConfig, mode: EncryptionMode, wd: Workdir, log=p
         raise trust.InputError(f"{wd.uploads_root}: no site models uploaded (run --mode site at the sites)")
     template = train.init_student_params(config, model)
     site_params = [model_io.load_params(wd.upload(s), template, model)[0] for s in sites]
-    tokens = distillation_tokens(config, model, mode, wd, fingerprint)
+    rows = distillation_tokens(config, model, mode, wd, fingerprint, log)
     student = merged_init(site_params, template, config.merge.init)
     stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *site_params)
     log(f"[server] merging {len(sites)} site models by one-shot distillation on "
-        f"{len(tokens)} {config.merge.data} token sets")
-    state = train.train(config, model, party="server_merge", tokens=tokens, init_params=student,
+        f"{rows.total} {config.merge.data} token sets")
+    state = train.train(config, model, party="server_merge", tokens=rows.tokens, row_start=rows.start,
+                        num_rows=rows.total, init_params=student,
                         ckpt_dir=wd.checkpoints("server_merge"), metrics_path=wd.metrics("server_merge"),
                         tensorboard_dir=wd.tensorboard("server_merge"),
                         total_steps=steps, num_heads_out=len(sites),

@@ -38,17 +38,21 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
         ckpt_dir: Optional[str] = None, meta: Optional[dict] = None, step_args: tuple = (),
         metrics_path: Optional[str] = None, tensorboard_dir: Optional[str] = None,
         log: Callable[[str], None] = print, log_every: Optional[int] = None,
-        stop_at: Optional[int] = None, on_log: Optional[LogHook] = None, describe: str = ""):
+        stop_at: Optional[int] = None, on_log: Optional[LogHook] = None, describe: str = "",
+        row_start: int = 0):
     """Trains `state` to `total_steps` (or `stop_at`, a deliberate interruption) and returns it on
     the host.
 
-    `arrays`: host arrays indexed by the batch's example ids. `ckpt_dir`: checkpoints with `meta`
+    `arrays`: host arrays holding the rows [row_start, row_start + len) of the order's examples,
+    at least this process's rows (`order.process_rows`); each step gathers this process's block of
+    the global batch from them (msd/step.py `process_block`). `ckpt_dir`: checkpoints with `meta`
     (JSON; a checkpoint of another `meta` raises CheckpointMismatchError), resumed from the newest
     readable one (unreadable ones are moved aside and logged); None: no checkpoints. `step_args`:
     further step arguments, replicated on the mesh (the merge's site teachers). `tensorboard_dir`
     is skipped when config.train.tensorboard is False. `log_every` overrides
     config.train.log_every. `describe` ends the opening line."""
     log_every = log_every or config.train.log_every
+    check_rows(order, len(arrays[0]), row_start)
     end = total_steps if stop_at is None else min(total_steps, stop_at)
     with contextlib.ExitStack() as closing:
         ckpts = None
@@ -62,20 +66,18 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
         step_args = step_lib.replicate(mesh, tuple(step_args))
         start = int(state.step)
         if start < end:
-            log(f"[{party}] training {total_steps} steps on {len(arrays[0])} images, batch {order.b} on "
+            log(f"[{party}] training {total_steps} steps on {order.n} images, batch {order.b} on "
                 f"{mesh.devices.size} {jax.default_backend()} device(s){describe}")
         if start < end and jax.process_count() > 1:
-            first = order(start)
-            batch = step_lib.shard_batch(mesh, *(a[first] for a in arrays), first)
+            batch = step_lib.shard_batch(mesh, *process_batch(order, start, arrays, row_start))
             step_fn = compiled_together(step_fn, state, batch, key, step_args)
         step_log = StepLog(party, total_steps, log, metrics_path,
                            tensorboard_dir if config.train.tensorboard else None, on_log)
         closing.callback(step_log.close)
         clock = progress.Clock(start, total_steps, order.b)
         for s in range(start, end):
-            ids = order(s)
-            state, metrics = step_fn(state, *step_lib.shard_batch(mesh, *(a[ids] for a in arrays), ids),
-                                     key, *step_args)
+            batch = step_lib.shard_batch(mesh, *process_batch(order, s, arrays, row_start))
+            state, metrics = step_fn(state, *batch, key, *step_args)
             if s == start:  # compiled by now: hand the compiler's freed heap back to the OS
                 step_lib.release_host_memory()
             done = s + 1
@@ -92,6 +94,22 @@ def run(config, *, party: str, step_fn: Callable, state: Any, arrays: tuple,
             if is_ckpt:
                 ckpts.save(done, state)
     return jax.device_get(state)
+
+
+def check_rows(order: batches.BatchOrder, num_held: int, row_start: int) -> None:
+    """The held rows [row_start, row_start + num_held) must include this process's rows."""
+    lo, hi = order.process_rows(jax.process_index(), jax.process_count())
+    if lo < row_start or hi > row_start + num_held:
+        raise ValueError(f"process {jax.process_index()} of {jax.process_count()} trains on rows "
+                         f"[{lo}, {hi}) of {order.n} ({order.groups} row groups, "
+                         f"{batches.ROW_GROUPS_KEY}) but holds rows [{row_start}, {row_start + num_held})")
+
+
+def process_batch(order: batches.BatchOrder, step: int, arrays: tuple, row_start: int) -> tuple:
+    """This process's block of step `step`'s global batch: its rows of each array (which hold the
+    rows from `row_start` on), then their example ids."""
+    ids = step_lib.process_block(order(step))
+    return tuple(a[ids - row_start] for a in arrays) + (ids,)
 
 
 def compiled_together(step_fn: Callable, state: Any, batch: tuple, key: jax.Array,

@@ -20,6 +20,12 @@ def party_key(seed: int, party: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(party.encode()) & 0x7FFFFFFF)
 
 
+def row_groups(config) -> int:
+    """The MSD trainers' number of row groups on this run's processes (config.distributed.row_groups,
+    0: one per process; training/batches.py)."""
+    return batches.row_groups_for(int(config.distributed.row_groups), jax.process_count())
+
+
 def collapse_check(teacher_entropy: float, out_dim: int, min_entropy: float,
                    max_entropy_frac: float, *, effective_prototypes: Optional[float] = None,
                    min_prototypes: float = 0.0) -> Optional[tuple[str, str]]:
@@ -68,8 +74,11 @@ def train(config, model: vit.ViTConfig, *, party: str, tokens: np.ndarray, init_
           metrics_path: Optional[str] = None, total_steps: int, num_heads_out: int = 1,
           site_params: Any = None, stop_at: Optional[int] = None,
           log: Callable[[str], None] = print, tensorboard_dir: Optional[str] = None,
-          init_state: Optional[step_lib.TrainState] = None) -> step_lib.TrainState:
-    """Trains `init_params` with the MSD step on `tokens` [N, n, D] for `total_steps` steps.
+          init_state: Optional[step_lib.TrainState] = None, row_start: int = 0,
+          num_rows: Optional[int] = None) -> step_lib.TrainState:
+    """Trains `init_params` with the MSD step on a token set of `num_rows` rows (default
+    len(tokens)) for `total_steps` steps. `tokens` [M, n, D] holds its rows [row_start,
+    row_start + M), at least this process's (`row_groups`, training/batches.py).
 
     Resumes from the latest checkpoint in `ckpt_dir`. With `site_params` (stacked site students),
     the step distils those fixed teachers into `num_heads_out` heads (one-shot merge). `stop_at`
@@ -83,8 +92,10 @@ def train(config, model: vit.ViTConfig, *, party: str, tokens: np.ndarray, init_
     merge = site_params is not None
     mesh = step_lib.make_mesh()
     n_dev = mesh.devices.size
-    batch = batches.batch_size_for(config.train.batch_size, len(tokens), n_dev)
-    order = batches.BatchOrder(jax.random.fold_in(party_key(config.seed, party), 1), len(tokens), batch)
+    num_rows = len(tokens) if num_rows is None else num_rows
+    groups = row_groups(config)
+    batch = batches.batch_size_for(config.train.batch_size, num_rows, n_dev, groups)
+    order = batches.BatchOrder(jax.random.fold_in(party_key(config.seed, party), 1), num_rows, batch, groups)
     sc = step_lib.StepConfig.from_config(config, tokens.shape[1], total_steps, order.steps_per_epoch, batch)
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(model, sc, num_heads_out, merge, n_dev),
                                       mesh, merge)
@@ -96,6 +107,7 @@ def train(config, model: vit.ViTConfig, *, party: str, tokens: np.ndarray, init_
                      ckpt_dir=ckpt_dir, meta=checkpoint_meta(model, party, num_heads_out, total_steps),
                      step_args=(site_params,) if merge else (), metrics_path=metrics_path,
                      tensorboard_dir=tensorboard_dir, log=log, stop_at=stop_at, on_log=monitor,
+                     row_start=row_start,
                      describe=f", {tokens.shape[1]} tokens each, views {sc.num_global}x{sc.size_global} + "
                               f"{sc.num_local}x{sc.size_local} tokens")
     if monitor.num_flagged:
