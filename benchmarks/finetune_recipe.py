@@ -4,11 +4,13 @@ run's labelled train split and is scored on its test split, next to the linear p
   python benchmarks/finetune_recipe.py --run runs/demo --config configs/demo.py \
       --variants old,lp,val,lr,new --steps 300 --out ft.json
 
-Variants (on top of the eval.finetune_* defaults of the config): 'old' random head, lr 4e-3 per
+Variants (on top of the eval.finetune_* defaults of the config, with crops of 0.6-1.0 of the area
+unless a variant says 'nocrop'): 'old' random head, lr 4e-3 per
 256, no validation split (the last step is tested); 'lp' linear-probe head at lr 1e-3, no
 selection; 'val' old + model selection on 10 % of the train split; 'lr' old + lr 1e-3; 'new'
 linear-probe head + selection + lr 1e-3; 'new_lr4', 'new_lr1e4', 'new_lr3e5' the same at lr 4e-3,
-1e-4, 3e-5 per 256. Only the run's backbone and report.json are read.
+1e-4, 3e-5 per 256; 'new_nocrop', 'new_lr1e4_nocrop' without the random-resized crop (flip only).
+Only the run's backbone and report.json are read.
 """
 import argparse
 import importlib.util
@@ -21,7 +23,7 @@ from msd_jax.evaluation import finetune as ft
 from msd_jax.models import vit
 from msd_jax.protocols import model_io
 
-OLD = dict(finetune_init="random", finetune_lr=4e-3, finetune_val_fraction=0.0)
+OLD = dict(finetune_init="random", finetune_lr=4e-3, finetune_val_fraction=0.0, finetune_crop_scale=(0.6, 1.0))
 VARIANTS = {
     "old": {},
     "lp": dict(finetune_init="linear_probe", finetune_lr=1e-3),
@@ -31,6 +33,10 @@ VARIANTS = {
     "new_lr4": dict(finetune_init="linear_probe", finetune_val_fraction=0.1),
     "new_lr1e4": dict(finetune_init="linear_probe", finetune_val_fraction=0.1, finetune_lr=1e-4),
     "new_lr3e5": dict(finetune_init="linear_probe", finetune_val_fraction=0.1, finetune_lr=3e-5),
+    "new_nocrop": dict(finetune_init="linear_probe", finetune_val_fraction=0.1, finetune_lr=1e-3,
+                       finetune_crop_scale=(1.0, 1.0)),
+    "new_lr1e4_nocrop": dict(finetune_init="linear_probe", finetune_val_fraction=0.1, finetune_lr=1e-4,
+                             finetune_crop_scale=(1.0, 1.0)),
 }
 
 
@@ -66,7 +72,8 @@ def main():
         r = ft.finetune(cfg, model, head, body, data.labelled_train, data.test, steps=a.steps, seed=cfg.seed,
                         log=lambda m: print(m, flush=True))
         row = {"variant": name, "eval": {k: cfg.eval[k] for k in ("finetune_init", "finetune_lr",
-                                                                   "finetune_val_fraction", "finetune_layer_decay")},
+                                                                   "finetune_val_fraction", "finetune_layer_decay",
+                                                                   "finetune_crop_scale")},
                "steps": a.steps, "accuracy": r["accuracy"], "auc": r["auc"],
                "linear_accuracy": probe["linear"]["accuracy"], "linear_auc": probe["linear"]["auc"],
                "wall_s": round(time.perf_counter() - t0, 1),

@@ -151,12 +151,15 @@ def base_config() -> ml_collections.ConfigDict:
         per_site_min_images=10,
         # full fine-tuning (evaluation/finetune.py; the comparison's fine-tune column): a new linear head on
         # finetune_features ('' = the first kind of `features`), AdamW, warm-up + cosine, layer-wise
-        # lr decay (1.0 = one lr), random-resized-crop (scale range) + flip
+        # lr decay (1.0 = one lr), random-resized-crop (scale range) + flip. No crop by default: the
+        # patch embedding and position table are fixed, so a rescaled crop moves content off the
+        # positions the backbone was trained on, and the probe's head no longer fits
+        # (docs/comparison.md, "Fine-tuning recipe": 0.878 with crops of 0.6-1.0, 0.920 without)
         finetune_batch_size=64,
         finetune_lr=1e-3,         # per 256 images
         finetune_min_lr=1e-6, finetune_warmup_frac=0.1,
         finetune_weight_decay=0.05, finetune_layer_decay=0.75,
-        finetune_crop_scale=(0.6, 1.0),
+        finetune_crop_scale=(1.0, 1.0),
         finetune_features="",
         # 'linear_probe' (LP-FT: the head starts at the linear probe fitted on the fit part's frozen
         # features, so the selection's step-0 candidate is the probe itself) or 'random' (N(0, 0.01^2))

@@ -76,7 +76,7 @@ def test_pool_features_match_eval_features(kind):
 def test_finetune_beats_chance_and_the_loss_falls():
     c = tiny_config(FINETUNE, eval=dict(finetune_batch_size=32, finetune_lr=0.02, finetune_warmup_frac=0.1,
                                         finetune_layer_decay=0.75, finetune_features="cls",
-                                        finetune_val_fraction=0.0))
+                                        finetune_val_fraction=0.0, finetune_init="random"))
     model, head, body = backbone(c)
     train, test = stripes(96, 0), stripes(64, 1)
     r = ft.finetune(c, model, head, body, train, test, steps=80, seed=0, log=lambda _: None, log_every=10)
