@@ -254,6 +254,25 @@ def test_paired_differences_of_the_headline_pairs(tiny_run):
     assert "Paired differences" in open(os.path.join(wd, "comparison.md")).read()
 
 
+def test_paired_differences_sign_and_pairs_on_hand_made_predictions(tmp_path):
+    """a right on all 40 test images, b on the first 30: a - b = +0.25 exactly (hand-derived), and
+    only the pairs whose rows and methods have predictions appear."""
+    from msd_jax.experiments.compare.results import write_predictions, run_dir
+    labels = np.array([0, 1] * 20)
+    right = np.eye(2)[labels]
+    b_probs = right.copy()
+    b_probs[30:] = right[30:, ::-1]
+    write_predictions(run_dir(str(tmp_path), "msd_token_upload", 0), {"linear": right, "finetune": right}, labels)
+    write_predictions(run_dir(str(tmp_path), "fedavg_msd", 0), {"linear": b_probs}, labels)
+    c = load_config("tiny")
+    c.eval.bootstrap_resamples = 200
+    out = report.paired_differences(c, str(tmp_path), ["msd_token_upload", "fedavg_msd", "finetune_only"], 1)
+    assert [(p["a"], p["b"], p["method"]) for p in out] == [("msd_token_upload", "fedavg_msd", "linear")]
+    assert out[0]["accuracy"]["difference"] == pytest.approx(0.25)
+    lo, hi = out[0]["accuracy"]["ci"]
+    assert 0.0 < lo <= 0.25 <= hi
+
+
 def test_label_efficiency_rows_of_the_comparison(tiny_run):
     c, wd, _, _ = tiny_run
     with open(os.path.join(wd, "comparison.json")) as f:
