@@ -120,8 +120,10 @@ def run_probes(config, backbones: dict, train_labels, test_labels, num_classes: 
     """Rows {'backbone', 'method', 'fraction', 'num_labelled', 'accuracy', 'accuracy_ci95', 'auc',
     'auc_ci95', 'accuracy_std', 'auc_std', 'draws'} of the kNN and linear probes (config.eval
     settings) for every backbone, fraction and method. `backbones`: {name: (train features [N, D],
-    test features [M, D])}, the train features in the order of `train_labels`. Every backbone gets
-    the same subsets (config.eval.label_draws draws from config.seed) and the same test resamples."""
+    test features [M, D])}, the train features in the order of `train_labels`, or {name: [such
+    pairs]} for a backbone that is several models (one per site): every model's draws then count as
+    draws of the row. Every backbone gets the same subsets (config.eval.label_draws draws from
+    config.seed) and the same test resamples."""
     ev = config.eval
     if fractions is None:
         fractions = parse_fractions(ev.label_fractions)
@@ -129,12 +131,13 @@ def run_probes(config, backbones: dict, train_labels, test_labels, num_classes: 
     subsets = label_subsets(train_labels, fractions, int(ev.label_draws), config.seed,
                             int(ev.label_min_per_class))
     rows = []
-    for name, (f_train, f_test) in backbones.items():
+    for name, models in backbones.items():
+        models = models if isinstance(models, list) else [models]
         for i, fraction in enumerate(fractions):
             picks = distinct_subsets([per_fraction[i] for per_fraction in subsets])
             for method in PROBES:
                 probs = [probe_probs(config, method, f_train[s], train_labels[s], f_test, num_classes)
-                         for s in picks]
+                         for f_train, f_test in models for s in picks]
                 rows.append({"backbone": name, "method": method, "fraction": fraction,
                              "num_labelled": int(len(picks[0])),
                              **summarise_draws(probs, test_labels, resamples=int(ev.bootstrap_resamples),

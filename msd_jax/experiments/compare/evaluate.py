@@ -100,11 +100,10 @@ def evaluate_row(config, row: str, model: vit.ViTConfig, backbones, data, plan: 
         per.append({"name": name, **r})
         if i == 0:
             first_probs = probs
-    out = {k: _mean_metrics([p[k] for p in per]) for k in ("knn", "linear", "finetune")}
-    if len(per) == 1:
-        out = {k: dict(per[0][k]) for k in ("knn", "linear", "finetune")}
-        if "finetune_of_backbone" in per[0]:
-            out["finetune_of_backbone"] = per[0]["finetune_of_backbone"]
+    if len(per) == 1:  # one backbone: its metrics with their intervals
+        out = {k: dict(v) for k, v in per[0].items() if k in ("knn", "linear", "finetune", "finetune_of_backbone")}
+    else:
+        out = {k: _mean_metrics([p[k] for p in per]) for k in ("knn", "linear", "finetune")}
     if config.compare.finetune_per_site:
         out["finetune_per_site"] = _mean_metrics([p["finetune_per_site"] for p in per])
     if len(per) > 1:

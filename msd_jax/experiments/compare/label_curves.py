@@ -69,18 +69,8 @@ def probe_rows(config, row: str, features: list[tuple[np.ndarray, np.ndarray]], 
     several backbones, every backbone's draws count as draws of the row."""
     if row not in PROBED:
         return []
-    probe_fractions, _ = fractions(config)
-    labels, test_labels = np.asarray(data.labelled_train.labels), np.asarray(data.test.labels)
-    num_classes = len(data.test.class_names)
-    subsets = _subsets(config, labels, probe_fractions)
-    out = []
-    for i, fraction in enumerate(probe_fractions):
-        picks = le.distinct_subsets([per_fraction[i] for per_fraction in subsets])
-        for method in le.PROBES:
-            probs = [le.probe_probs(config, method, f_train[s], labels[s], f_test, num_classes)
-                     for f_train, f_test in features for s in picks]
-            out.append(_row(row, method, fraction, picks, probs, test_labels, config))
-    return out
+    return le.run_probes(config, {row: list(features)}, data.labelled_train.labels, data.test.labels,
+                         len(data.test.class_names), fractions(config)[0])
 
 
 def _train_probs(config, row: str, model: vit.ViTConfig, start, subset, data, plan: dict, log) -> np.ndarray:
