@@ -10,7 +10,7 @@ fine-tuning. `no_pretraining` gets the probes only (its fine-tuning is `finetune
 label-trained rows' backbones (they have seen every label) and `local_only` (one model per site;
 its probes are the mean over the site models, each draw of each site counted once).
 
-Every row uses the same subsets (compare.label_draws draws of config.seed) and, for the trained
+Every row uses the same subsets (eval.label_draws draws of config.seed) and, for the trained
 methods, the first compare.label_train_draws of them at the fractions of
 compare.label_train_fractions; at fraction 1.0 the row's full-label result is reused.
 """
