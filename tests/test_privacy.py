@@ -410,3 +410,41 @@ def test_tiny_audit_end_to_end(tmp_path, monkeypatch):
     assert rep["modes"]["paper"]["attacks"]["known_head"]["position_accuracy"] > 0.5
     md = open(os.path.join(out_dir, "audit.md")).read()
     assert all(f"| {m} |" in md for m in modes.ALL_MODES)
+
+
+def _row(acc, clustering, null, psnr=10.0):
+    attack = lambda pos, **kw: {"position_accuracy": pos, "chance": 1 / 64, "psnr_db": psnr, "ssim": 0.1, **kw}
+    return {"linear_accuracy": acc,
+            "attacks": {"known_head": attack(0.015, chance_level=1 / 64),
+                        "clustering": {**attack(clustering, chance_level=max(1 / 64, null)),
+                                       "psnr_db": None, "ssim": None}}}
+
+
+def test_rule_measures_an_oracle_scored_attack_against_its_null():
+    """Hand-made audit rows (64 positions, mean image 16.46 dB): clustering at 0.043 is 2.75 x 1/64
+    but 1.13 x its null 0.038, so the row meets the rule; at 0.080 (2.1 x the null) it does not."""
+    import ml_collections
+    from msd_jax.experiments.privacy import audit
+
+    rule = ml_collections.ConfigDict(dict(chance_factor=2.0, psnr_margin_db=0.0, max_accuracy_drop=0.02))
+    results = {"paper": _row(0.758, 1.0, 0.038, psnr=69.9), "defended": _row(0.753, 0.043, 0.038)}
+    rec, note, failures = audit.recommend(results, 16.46, rule)
+    assert rec == "defended" and failures["defended"] == [] and "defended" in note
+    assert any("clustering" in w for w in failures["paper"])
+    results["defended"] = _row(0.753, 0.080, 0.038)
+    rec, _, failures = audit.recommend(results, 16.46, rule)
+    assert rec is None and any("0.080 > 2 x chance level 0.0380" in w for w in failures["defended"])
+    rows = {r["row"]: r for r in audit.tradeoff({"defended": _row(0.753, 0.043, 0.038)}, 16.46)}
+    assert rows["defended"]["max_position_over_chance"] == pytest.approx(0.043 / 0.038)
+    # a cost above max_accuracy_drop fails even a row that every attack misses
+    rec, _, failures = audit.recommend({"paper": _row(0.758, 1.0, 0.038), "d": _row(0.73, 0.02, 0.038)},
+                                       16.46, rule)
+    assert rec is None and any("linear accuracy" in w for w in failures["d"])
+
+
+def test_score_reports_the_oracle_null_as_chance_level():
+    r = attacks.Reconstruction(np.zeros((2, 4), np.int64), None, {"null_accuracy": 0.4})
+    s = attacks.score(r, np.zeros((2, 4), np.int64), np.zeros((2, 4, 4, 1)), 4)
+    assert s["chance"] == 0.25 and s["chance_level"] == 0.4 and s["position_accuracy"] == 1.0
+    r = attacks.Reconstruction(np.zeros((2, 4), np.int64), None, {})
+    assert attacks.score(r, np.zeros((2, 4), np.int64), np.zeros((2, 4, 4, 1)), 4)["chance_level"] == 0.25
