@@ -14,4 +14,5 @@ def get_config(arg=None):
     c.train.update(batch_size=256, num_steps=3000, site_steps=3000, log_every=50, checkpoint_every=500)
     c.merge.num_steps = 2000
     c.eval.batch_size = 128
+    c.encrypt.mode = "paper"  # the paper's transform, whatever the key source
     return resolve_variant(c)  # direct loaders (benchmarks, notebooks) see the shape that runs

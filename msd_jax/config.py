@@ -80,10 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
         # 'secret_head' (head from the sites' shared key), 'masked' (upload masked_keep_ratio of the
         # tokens), 'feature_perm' (secret channel permutation), 'pos_noise' (noise on the position
         # component), e.g. 'secret_head+masked'
-        mode="paper",
+        # 'auto': with key_source='urandom' (real sites) the audit's safe mode (modes.REAL_KEYS_MODE),
+        # else 'paper'
+        mode="auto",
         masked_keep_ratio=0.5,    # share of each image's tokens uploaded in a 'masked' mode
         pos_noise_std=1.0,        # 'pos_noise' modes: token noise std / the position table's std
-        shared_key_source="seed",  # secret modes: 'seed' (reproducible) | 'urandom' (key file at sites)
+        # secret modes: 'seed' (reproducible) | 'urandom' (key file at the sites) | 'auto' (= key_source)
+        shared_key_source="auto",
         shared_key_file="",       # '' = <workdir>/site_secret/shared_key (kept at the sites)
         shard_size=1024,
         batch_size=256,
@@ -222,6 +225,17 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def resolve_encryption(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """encrypt.mode and encrypt.shared_key_source with 'auto' written out (encryption/modes.py), so
+    that the config (and report.json's copy of it) says what runs."""
+    from msd_jax.encryption import modes  # noqa: PLC0415
+    _check_choice(c.encrypt.key_source, ("seed", "urandom"), "encrypt.key_source")
+    _check_choice(c.encrypt.shared_key_source, ("auto", "seed", "urandom"), "encrypt.shared_key_source")
+    c.encrypt.mode = modes.EncryptionMode.from_config(c.encrypt).name
+    c.encrypt.shared_key_source = modes.resolve_shared_key_source(c.encrypt)
+    return c
+
+
 def _check_choice(value, allowed, field):
     if value not in allowed:
         raise ValueError(f"config.{field}: expected one of {list(allowed)}, got {value!r}")
@@ -321,9 +335,8 @@ def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.
     parse_kinds(c.eval.features)
     from msd_jax.evaluation.label_efficiency import parse_fractions  # noqa: PLC0415
     parse_fractions(c.eval.label_fractions)
+    resolve_encryption(c)
     from msd_jax.encryption.modes import EncryptionMode  # noqa: PLC0415
-    EncryptionMode.parse(c.encrypt.mode)
-    _check_choice(c.encrypt.shared_key_source, ("seed", "urandom"), "encrypt.shared_key_source")
     if not 0 < c.encrypt.masked_keep_ratio < 1:
         raise ValueError(f"config.encrypt.masked_keep_ratio: expected a fraction in (0, 1), got "
                          f"{c.encrypt.masked_keep_ratio}")

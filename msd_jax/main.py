@@ -28,7 +28,7 @@ def resolve(config):
     """(model, encryption mode) of a validated config, built once here and handed to every party."""
     from msd_jax.encryption.modes import EncryptionMode
     from msd_jax.models import vit
-    return vit.ViTConfig.from_config(config.model), EncryptionMode.parse(config.encrypt.mode)
+    return vit.ViTConfig.from_config(config.model), EncryptionMode.from_config(config.encrypt)
 
 
 def _validated(config, mode: str):

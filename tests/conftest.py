@@ -43,7 +43,7 @@ def model_of(config) -> vit.ViTConfig:
 
 def mode_of(config) -> EncryptionMode:
     """The encryption mode the command line parses once from `config` and hands to every party."""
-    return EncryptionMode.parse(config.encrypt.mode)
+    return EncryptionMode.from_config(config.encrypt)
 
 
 # A model small enough for a training step in well under a second on one CPU core.

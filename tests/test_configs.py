@@ -97,3 +97,33 @@ def test_validate_checks_the_distributed_keys(fields, mode, key):
     c.multihost = True
     with pytest.raises(ValueError, match=r"not both"):
         config_lib.validate(c, "server")
+
+
+@pytest.mark.parametrize("key_source,mode,shared", [("seed", "paper", "seed"),
+                                                    ("urandom", "secret_head+pos_noise", "urandom")])
+def test_auto_mode_follows_the_key_source(key_source, mode, shared):
+    """'auto' (the default) is the paper's transform with reproducible keys and the audit's safe
+    mode with real ones, its shared key then real too; the config says what runs."""
+    c = config_lib.base_config()
+    c.encrypt.key_source = key_source
+    c = config_lib.validate(c)
+    assert (c.encrypt.mode, c.encrypt.shared_key_source) == (mode, shared)
+
+
+def test_a_named_mode_and_the_reproduction_configs_keep_their_mode():
+    c = config_lib.base_config()
+    c.encrypt.update(key_source="urandom", mode="secret_head+masked", shared_key_source="seed")
+    c = config_lib.validate(c)
+    assert (c.encrypt.mode, c.encrypt.shared_key_source) == ("secret_head+masked", "seed")
+    for name in ("vit_b16", "vit_s16"):
+        c = load_config(name)
+        c.encrypt.key_source = "urandom"
+        assert config_lib.validate(c).encrypt.mode == "paper"
+
+
+@pytest.mark.parametrize("field,value", [("key_source", "random"), ("shared_key_source", "os")])
+def test_key_sources_are_checked(field, value):
+    c = config_lib.base_config()
+    c.encrypt[field] = value
+    with pytest.raises(ValueError, match=f"config.encrypt.{field}"):
+        config_lib.validate(c)

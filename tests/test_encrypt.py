@@ -173,7 +173,7 @@ def test_site_key_never_written(tmp_path, monkeypatch):
         return real_urandom(n)
 
     monkeypatch.setattr(encrypt.os, "urandom", fake_urandom)
-    cfg = tiny_config(SHARDS, start=tiny_demo_config(), encrypt=dict(key_source="urandom"))
+    cfg = tiny_config(SHARDS, start=tiny_demo_config(), encrypt=dict(key_source="urandom", mode="paper"))
     imgs = _images(7, seed=9)
     data = FederatedData(sites=[("alpha", _imageset(imgs))], test=_imageset(imgs[:2]), proxy=None)
     wd = Workdir(str(tmp_path / "wd"))

@@ -173,6 +173,48 @@ def test_site_dropping_out_mid_upload_writes_nothing(env, deployment):
     assert not (workdir / "uploads").exists()
 
 
+SECRET_MODEL_UPLOAD = ["--config.protocol=model_upload", "--config.encrypt.mode=secret_head"]
+
+
+def test_model_upload_in_a_secret_mode_equals_the_file_copy_flow(env):
+    """`--upload shards,uploads` in a secret-head mode: the server sends only the initial student
+    (no head: the sites derive theirs from their shared key), every site encrypts and trains, and
+    its shards, trained model and transform note equal, byte for byte, those of the commands run by
+    hand (--mode setup, encrypt, site) with the same seed."""
+    d = Deployment(env, "secret_model_upload")
+    try:
+        flower_w, copy_w = env["root"] / "secret_server_w", env["root"] / "secret_copy_w"
+        proc = d.run_round(flower_w, "--upload=shards,uploads", *SECRET_MODEL_UPLOAD)
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{out}\n{err}\n{d.logs()}"
+    finally:
+        d.close()
+    assert not (flower_w / "head" / "head.msgpack").exists()  # no public head in a secret mode
+    sites = ",".join(env["sites"].values())
+    common = [*env["overrides"], *SECRET_MODEL_UPLOAD, "--config.merge.data=uploaded",
+              "--config.data.name=folders", f"--config.data.site_dirs={sites}",
+              f"--config.data.test_dir={env['sites'][SITES[0]]}"]
+    for mode in ("setup", "encrypt", "site"):
+        ref = subprocess.run([sys.executable, "-m", "msd_jax.main", "--config", "configs/demo.py:quick",
+                              f"--workdir={copy_w}", f"--mode={mode}", *common],
+                             cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=600)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+    for site in SITES:
+        for kind in ("shards", "uploads"):
+            got = folder_files(flower_w / kind / site)
+            assert got and got == folder_files(copy_w / kind / site), (kind, site)
+    assert folder_files(flower_w / "head") == folder_files(copy_w / "head") == {
+        "transform.json": open(copy_w / "head" / "transform.json", "rb").read()}
+    assert not (flower_w / "site_secret").exists()
+    assert verify.main([str(flower_w)], out=open(os.devnull, "w")) == 0
+    record = json.load(open(flower_w / "records" / "flower.json"))
+    for site in SITES:
+        want = sum(len(b) for k in ("shards", "uploads", "head")
+                   for b in folder_files(copy_w / k / site if k != "head" else copy_w / k).values())
+        assert record["sites"][site]["bytes_uploaded"] == want
+    print(f"\nflower model-upload round (secret_head): {record}")
+
+
 # The transfer on its own (no deployment): what a site offers, what the server accepts.
 
 def _site_upload(root, site="hospital_a"):

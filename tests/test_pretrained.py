@@ -217,7 +217,7 @@ def test_setup_with_init_from_writes_the_files_head_and_initial_student(tmp_path
     config.protocol = "model_upload"
     model, wd = model_of(config), Workdir(str(tmp_path / "wd"))
     logs = []
-    parties.run_setup(config, model, EncryptionMode.parse(config.encrypt.mode), wd, log=logs.append)
+    parties.run_setup(config, model, EncryptionMode.from_config(config.encrypt), wd, log=logs.append)
     head, _ = encrypt.load_head(wd.head, model)
     w = state["patch_embed.proj.weight"].numpy().astype(np.float64).sum(axis=1)
     np.testing.assert_allclose(head["patch_embed"]["kernel"], w.transpose(1, 2, 0).reshape(16, d), atol=1e-6)

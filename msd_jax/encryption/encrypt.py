@@ -270,9 +270,13 @@ def site_head(config, cfg: vit.ViTConfig, mode: modes_lib.EncryptionMode, workdi
             public, _ = get_or_create_head(head_dir, cfg, public_key, initial_head)
     key = None
     if mode.secret_transform:
-        key = shared_key(e.shared_key_source, config.seed, shared_key_path(e, workdir))
+        key = shared_key(modes_lib.resolve_shared_key_source(e), config.seed, shared_key_path(e, workdir))
     head = transform_head(mode, cfg, public, key)
     return head, head_fingerprint(cfg, head)
+
+
+SAME_MODE = ("every party must run the same encrypt.mode; 'auto' follows encrypt.key_source, so set "
+             "key_source in the config every party uses, or name the mode")
 
 
 def write_transform(head_dir: str, cfg: vit.ViTConfig, mode: modes_lib.EncryptionMode,
@@ -294,7 +298,7 @@ def expected_fingerprint(mode: modes_lib.EncryptionMode, head_dir: str, cfg: vit
         if os.path.isfile(path):
             got = trust.read_json(path, "the sites' transform note").get("mode")
             raise trust.InputError(f"{path}: field 'mode' is {got!r}, but config.encrypt.mode is {mode.name!r} "
-                             "(the sites encrypted with a secret transform; use their mode)")
+                                   f"(the sites encrypted with a secret transform; use their mode. {SAME_MODE})")
         return load_head(head_dir, cfg)[1]
     if not os.path.isfile(path):
         raise trust.InputError(f"{path}: no transform fingerprint here (config.encrypt.mode={mode.name!r} "
@@ -302,7 +306,7 @@ def expected_fingerprint(mode: modes_lib.EncryptionMode, head_dir: str, cfg: vit
     meta = trust.read_json(path, "the sites' transform note (mode, fingerprint, head fields)")
     if meta.get("mode") != mode.name:
         raise trust.InputError(f"{path}: field 'mode' is {meta.get('mode')!r}, but config.encrypt.mode is "
-                         f"{mode.name!r}")
+                               f"{mode.name!r} ({SAME_MODE})")
     for k in HEAD_FIELDS:
         if meta.get(k) != getattr(cfg, k):
             raise trust.InputError(f"{path}: field {k!r} is {meta.get(k)!r} but config.model.{k} is "

@@ -160,7 +160,7 @@ def run_row(config, row: str, run_dir: str, data, plan: dict, log=print, *,
     # a row's parties run under copies of `config` that change only the protocol, so one model
     # and one mode serve them all
     model = vit.ViTConfig.from_config(config.model)
-    mode = EncryptionMode.parse(config.encrypt.mode)
+    mode = EncryptionMode.from_config(config.encrypt)
     backbones, traffic, extra = RUNNERS[row](config, model, mode, wd, data, plan[row], log)
     train_s = time.perf_counter() - t0
     finetune_sets = extra.pop("finetune_sets", None)
