@@ -2,7 +2,8 @@
 started as processes on 127.0.0.1, each SuperNode with its own site folder and work directory, the
 round submitted with `python -m msd_jax.protocols.flower.launch`. Its shards must equal, byte for
 byte, those of the file-copy flow (`--mode encrypt` with the same seed); a site killed mid-upload
-must fail the round with a message naming it and leave no shard folder behind."""
+must fail the round with a message naming it and leave no shard folder behind. Model upload in a
+secret mode runs on a deployment with TLS and registered SuperNodes only."""
 import json
 import os
 import signal
@@ -45,20 +46,99 @@ def env(tmp_path_factory):
     return {"root": root, "sites": sites, "env": environ, "overrides": overrides}
 
 
+def make_certificates(folder, nodes):
+    """What docs/hospitals.md has a deployment make with openssl and ssh-keygen: a CA, the
+    SuperLink's TLS certificate for 127.0.0.1 signed by it, and an EC P-384 key pair per SuperNode
+    (private key, OpenSSH public key)."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, issuer, public_key, signing_key, *extensions):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+             .not_valid_after(now + datetime.timedelta(days=1)))
+        for ext, critical in extensions:
+            b = b.add_extension(ext, critical=critical)
+        return b.sign(signing_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    (folder / "ca.crt").write_bytes(certificate(name("test CA"), name("test CA"), ca_key.public_key(), ca_key,
+                                                (x509.BasicConstraints(ca=True, path_length=None), True)))
+    (folder / "server.pem").write_bytes(certificate(
+        name("localhost"), name("test CA"), server_key.public_key(), ca_key,
+        (x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                      x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for node in nodes:
+        key = ec.generate_private_key(ec.SECP384R1())
+        (folder / node).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                      serialization.NoEncryption()))
+        (folder / f"{node}.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
 class Deployment:
     """A SuperLink and one SuperNode per site; killing one kills the Flower processes it started too
-    (SuperExec runs in a session of its own)."""
+    (SuperExec runs in a session of its own). `secure`: TLS with a test CA, and only SuperNodes whose
+    public key was registered (`flwr supernode register`) may connect, as docs/hospitals.md sets up."""
 
-    def __init__(self, env, tag):
+    def __init__(self, env, tag, secure=False):
         self.env, self.root = env, env["root"] / tag
         self.port = free_port()
         self.procs = {}
-        self.start("superlink", ["flower-superlink", "--insecure", f"--port={self.port}",
+        self.certs = self.root / "certs" if secure else None
+        if secure:
+            make_certificates(self.certs, [*env["sites"], "unregistered"])
+            link = ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth"]
+        else:
+            link = ["--insecure"]
+        self.start("superlink", ["flower-superlink", *link, f"--port={self.port}",
                                  "--disable-runtime-dependency-installation"])
         for name, folder in env["sites"].items():
-            node_config = f'workdir="{self.root / "site_w" / name}" site-dir="{folder}"'
-            self.start(name, ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{self.port}",
-                              f"--port={free_port()}", "--node-config", node_config])
+            if secure:
+                self.register(self.certs / f"{name}.pub")
+            self.start_node(name, folder)
+
+    def node_args(self, key_name):
+        if self.certs is None:
+            return ["--insecure"]
+        return ["--root-certificates", str(self.certs / "ca.crt"),
+                "--auth-supernode-private-key", str(self.certs / key_name)]
+
+    def start_node(self, name, folder, key_name=None):
+        node_config = f'workdir="{self.root / "site_w" / name}" site-dir="{folder}"'
+        self.start(name, ["flower-supernode", *self.node_args(key_name or name),
+                          f"--superlink=127.0.0.1:{self.port}", f"--port={free_port()}",
+                          "--node-config", node_config])
+
+    def register(self, public_key):
+        """`flwr supernode register KEY` against the SuperLink, retried until it listens."""
+        home = self.root / "flwr_cli"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "link"\n\n[superlink.link]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+        deadline = time.monotonic() + 120
+        while True:
+            proc = subprocess.run([sys.executable, "-c", "from flwr.cli.app import app; app()", "supernode",
+                                   "register", str(public_key), "--format", "json"], capture_output=True,
+                                  text=True, env=dict(self.env["env"], FLWR_HOME=str(home)))
+            if '"success": true' in proc.stdout:
+                return
+            assert time.monotonic() < deadline, f"{proc.stdout}\n{proc.stderr}\n{self.logs()}"
+            time.sleep(1.0)
 
     def start(self, name, args):
         home = self.root / "flwr_home" / name
@@ -90,8 +170,9 @@ class Deployment:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
 
     def run_round(self, workdir, *extra):
+        tls = ["--insecure"] if self.certs is None else ["--root-certificates", str(self.certs / "ca.crt")]
         args = [sys.executable, "-m", "msd_jax.protocols.flower.launch", "--config", "configs/demo.py:quick",
-                f"--workdir={workdir}", "--num-sites=2", f"--superlink=127.0.0.1:{self.port}", "--insecure",
+                f"--workdir={workdir}", "--num-sites=2", f"--superlink=127.0.0.1:{self.port}", *tls,
                 "--connect-timeout=120", *extra, *self.env["overrides"]]
         return subprocess.Popen(args, cwd=REPO, env=self.env["env"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -173,6 +254,33 @@ def test_site_dropping_out_mid_upload_writes_nothing(env, deployment):
     assert not (workdir / "uploads").exists()
 
 
+def test_a_killed_supernode_fails_the_round_within_the_chunk_timeout(env):
+    """A site's SuperNode (and every process it started) killed while the server fetches its upload:
+    the round ends within --chunk-timeout with the site named, and nothing is written."""
+    d = Deployment(env, "killed_node")
+    workdir = env["root"] / "server_killed"
+    try:
+        proc = d.run_round(workdir, "--chunk-mib=0.0005", "--chunk-timeout=20")
+        staging = workdir / "shards"
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            if staging.is_dir() and any(p.stat().st_size > 0 for p in staging.glob(f".tmp-shards-*/*")):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the round ended before the upload began"
+        d.kill(SITES[1])
+        killed = time.monotonic()
+        out, err = proc.communicate(timeout=600)
+        waited = time.monotonic() - killed
+    finally:
+        d.close()
+    assert proc.returncode == 1, f"{out}\n{err}"
+    assert f"site {SITES[1]}" in err and "dropped out during the upload" in err, err
+    assert waited < 300, waited  # the chunk timeout (20 s), not the site timeout (24 h)
+    assert not staging.exists() or os.listdir(staging) == [], os.listdir(staging)
+    print(f"\nkilled SuperNode: the round failed {waited:.1f} s after the kill")
+
+
 SECRET_MODEL_UPLOAD = ["--config.protocol=model_upload", "--config.encrypt.mode=secret_head"]
 
 
@@ -180,13 +288,17 @@ def test_model_upload_in_a_secret_mode_equals_the_file_copy_flow(env):
     """`--upload shards,uploads` in a secret-head mode: the server sends only the initial student
     (no head: the sites derive theirs from their shared key), every site encrypts and trains, and
     its shards, trained model and transform note equal, byte for byte, those of the commands run by
-    hand (--mode setup, encrypt, site) with the same seed."""
-    d = Deployment(env, "secret_model_upload")
+    hand (--mode setup, encrypt, site) with the same seed. The deployment runs as a real one should:
+    TLS, and only registered SuperNodes; one with an unregistered key is turned away."""
+    d = Deployment(env, "secret_model_upload", secure=True)
     try:
         flower_w, copy_w = env["root"] / "secret_server_w", env["root"] / "secret_copy_w"
         proc = d.run_round(flower_w, "--upload=shards,uploads", *SECRET_MODEL_UPLOAD)
         out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"{out}\n{err}\n{d.logs()}"
+        d.start_node("intruder", env["sites"][SITES[0]], key_name="unregistered")
+        assert d.procs["intruder"].wait(timeout=300) != 0
+        assert "Failed to activate SuperNode" in (d.root / "intruder.log").read_text()
     finally:
         d.close()
     assert not (flower_w / "head" / "head.msgpack").exists()  # no public head in a secret mode
