@@ -431,6 +431,11 @@ def test_rule_measures_an_oracle_scored_attack_against_its_null():
     rec, note, failures = audit.recommend(results, 16.46, rule)
     assert rec == "defended" and failures["defended"] == [] and "defended" in note
     assert any("clustering" in w for w in failures["paper"])
+    # of two rows that pass, the stronger one (1.13 x its null against 1.89 x), not the more accurate
+    results["weaker"] = _row(0.785, 0.072, 0.038)
+    rec, _, failures = audit.recommend(results, 16.46, rule)
+    assert rec == "defended" and failures["weaker"] == []
+    del results["weaker"]
     results["defended"] = _row(0.753, 0.080, 0.038)
     rec, _, failures = audit.recommend(results, 16.46, rule)
     assert rec is None and any("0.080 > 2 x chance level 0.0380" in w for w in failures["defended"])

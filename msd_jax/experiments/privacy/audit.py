@@ -236,7 +236,8 @@ def attack_mode(cfg, model: vit.ViTConfig, mode: modes_lib.EncryptionMode, wd: W
 
 
 def recommend(results: dict, baseline_psnr: float, a) -> tuple:
-    """(recommended mode or None, note, {mode: [reasons it fails the rule]})."""
+    """(recommended mode or None, note, {mode: [reasons it fails the rule]}). Of the modes that meet
+    the rule, the strongest: least position accuracy over chance level, then least PSNR."""
     paper = results.get("paper", {}).get("linear_accuracy")
     failures = {}
     for mode, r in results.items():
@@ -256,7 +257,11 @@ def recommend(results: dict, baseline_psnr: float, a) -> tuple:
         failures[mode] = why
     ok = [m for m in results if not failures[m]]
     if ok:
-        best = max(ok, key=lambda m: results[m]["linear_accuracy"])
+        # the strongest of the modes that pass: its best attack does least, then the better accuracy
+        rows = {r["row"]: r for r in tradeoff({m: results[m] for m in ok}, baseline_psnr)}
+        best = min(ok, key=lambda m: (rows[m]["max_position_over_chance"] or 0.0,
+                                      rows[m]["max_psnr_over_mean_db"] or -float("inf"),
+                                      -results[m]["linear_accuracy"]))
         return best, (f"{best}: every attack near chance (position accuracy <= {a.chance_factor:g} x "
                       f"its chance level, PSNR <= mean-image guess) at a linear-probe cost <= "
                       f"{a.max_accuracy_drop:g} against paper"), failures
