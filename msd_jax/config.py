@@ -84,7 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
         # else 'paper'
         mode="auto",
         masked_keep_ratio=0.5,    # share of each image's tokens uploaded in a 'masked' mode
-        pos_noise_std=1.0,        # 'pos_noise' modes: token noise std / the position table's std
+        # 'pos_noise' modes: token noise std / the position table's std (4: docs/privacy.md, the
+        # audit's recommended strength)
+        pos_noise_std=4.0,
         # secret modes: 'seed' (reproducible) | 'urandom' (key file at the sites) | 'auto' (= key_source)
         shared_key_source="auto",
         shared_key_file="",       # '' = <workdir>/site_secret/shared_key (kept at the sites)

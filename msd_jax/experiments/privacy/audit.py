@@ -118,10 +118,14 @@ def tradeoff_figure(path: str, rows: list[dict], a) -> str:
             ax.scatter(r[key], r["linear_accuracy"], marker="o" if swept else "s", color="C0" if swept else "C1")
             ax.annotate(r["row"], (r[key], r["linear_accuracy"]), fontsize=6)
         ax.axvline(limit, color="gray", ls="--", lw=0.8)
+        paper = next((r["linear_accuracy"] for r in rows if r["row"] == modes_lib.PAPER), None)
+        if paper is not None:
+            ax.axhline(paper - a.max_accuracy_drop, color="gray", ls="--", lw=0.8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("linear-probe accuracy")
         if key == "max_position_over_chance":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.suptitle("privacy / accuracy trade-off (dashed: the audit's rule)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
