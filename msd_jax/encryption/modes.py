@@ -17,9 +17,9 @@ import dataclasses
 PARTS = ("secret_head", "feature_perm", "masked", "pos_noise")
 PAPER = "paper"
 AUTO = "auto"
-# 'auto' with real keys (encrypt.key_source='urandom'): the strongest mode the privacy audit
-# measured within 2 linear-probe points of 'paper' (docs/privacy.md); with 'seed' keys, as in every
-# reproduction of the paper, the paper's own transform.
+# 'auto' with real keys (encrypt.key_source='urandom'): the mode whose attacks the privacy audit
+# found near chance at its accuracy cost within noise of 'paper' (docs/privacy.md, "The default");
+# with 'seed' keys, as in every reproduction of the paper, the paper's own transform.
 REAL_KEYS_MODE = "secret_head+pos_noise"
 # The modes the audit measures by default (every combination worth a row).
 ALL_MODES = ("paper", "masked", "feature_perm", "secret_head", "feature_perm+masked",
