@@ -95,11 +95,16 @@ def best_reachable(rows: list[dict], a) -> dict | None:
     mean image) among those within audit.max_accuracy_drop of paper's linear accuracy."""
     paper = next((r["linear_accuracy"] for r in rows if r["row"] == modes_lib.PAPER), None)
     ok = [r for r in rows if paper is None or r["linear_accuracy"] >= paper - a.max_accuracy_drop]
-    if not ok:
-        return None
+    return min(ok, key=_attack_success) if ok else None
+
+
+def _attack_success(row: dict) -> tuple:
+    """Sort key of a trade-off row, strongest first: its strongest attack's position accuracy over
+    chance level, then its PSNR over the mean image (a measure missing counts as worst), then the
+    better accuracy."""
     inf = float("inf")
-    return min(ok, key=lambda r: (r["max_position_over_chance"] if r["max_position_over_chance"] is not None else inf,
-                                  r["max_psnr_over_mean_db"] if r["max_psnr_over_mean_db"] is not None else inf))
+    pos, psnr = row["max_position_over_chance"], row["max_psnr_over_mean_db"]
+    return (inf if pos is None else pos, inf if psnr is None else psnr, -row["linear_accuracy"])
 
 
 def tradeoff_figure(path: str, rows: list[dict], a) -> str:
@@ -261,11 +266,7 @@ def recommend(results: dict, baseline_psnr: float, a) -> tuple:
         failures[mode] = why
     ok = [m for m in results if not failures[m]]
     if ok:
-        # the strongest of the modes that pass: its best attack does least, then the better accuracy
-        rows = {r["row"]: r for r in tradeoff({m: results[m] for m in ok}, baseline_psnr)}
-        best = min(ok, key=lambda m: (rows[m]["max_position_over_chance"] or 0.0,
-                                      rows[m]["max_psnr_over_mean_db"] or -float("inf"),
-                                      -results[m]["linear_accuracy"]))
+        best = min(tradeoff({m: results[m] for m in ok}, baseline_psnr), key=_attack_success)["row"]
         return best, (f"{best}: every attack near chance (position accuracy <= {a.chance_factor:g} x "
                       f"its chance level, PSNR <= mean-image guess) at a linear-probe cost <= "
                       f"{a.max_accuracy_drop:g} against paper"), failures
