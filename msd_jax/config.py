@@ -220,7 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
         chance_factor=2.0,        # 'near chance': position accuracy <= this x chance
         max_accuracy_drop=0.02,   # allowed linear-probe cost against 'paper' (accuracy, 0..1)
         num_figure_images=6,
-        reuse=False,              # reuse a mode's finished pipeline run in DIR/modes/<mode>/ (same config)
+        reuse=False,              # reuse a mode's finished pipeline run and attacks in DIR/modes/<mode>/ (same config)
         sweep="",                 # comma-separated encrypt.pos_noise_std values run in sweep_mode ('' = none)
         sweep_mode="secret_head+pos_noise",  # the mode (with 'pos_noise') whose strength is swept
     ))

@@ -412,6 +412,35 @@ def test_tiny_audit_end_to_end(tmp_path, monkeypatch):
     assert all(f"| {m} |" in md for m in modes.ALL_MODES)
 
 
+def test_a_rerun_audit_reuses_each_finished_row(tmp_path, monkeypatch):
+    from msd_jax.experiments.privacy import audit
+
+    c = load_config("audit", "tiny")
+    c.train.batch_size = 8
+    c.audit.update(modes="paper", reuse=True)
+    data = _fed(size=32, per_site=8, sites=2, test=10, proxy=24)
+    monkeypatch.setattr(audit.sites_lib, "load", lambda config: copy.deepcopy(data))
+    out_dir = str(tmp_path / "audit")
+    first = audit.run_audit(c, out_dir, log=lambda *_: None)
+    figure_first = np.load(os.path.join(out_dir, "modes", "paper", "audit_attacks.npz"))["reconstructions"]
+
+    def no_attack(*_, **__):
+        raise AssertionError("attacked again")
+    calls = []
+    monkeypatch.setattr(audit, "attack_mode", no_attack)
+    monkeypatch.setattr(audit.parties, "run_server", lambda *a, **k: calls.append("server"))
+    again = audit.run_audit(c, out_dir, log=lambda *_: None)
+    assert calls == []
+    assert json.dumps(again["modes"]["paper"]["attacks"]) == json.dumps(first["modes"]["paper"]["attacks"])
+    assert again["mean_image_psnr_db"] == first["mean_image_psnr_db"]
+    np.testing.assert_array_equal(
+        np.load(os.path.join(out_dir, "modes", "paper", "audit_attacks.npz"))["reconstructions"], figure_first)
+    # a setting that changes the attacks' results runs them again
+    c.audit.kmeans_iters += 1
+    with pytest.raises(AssertionError, match="attacked again"):
+        audit.run_audit(c, out_dir, log=lambda *_: None)
+
+
 def _row(acc, clustering, null, psnr=10.0):
     attack = lambda pos, **kw: {"position_accuracy": pos, "chance": 1 / 64, "psnr_db": psnr, "ssim": 0.1, **kw}
     return {"linear_accuracy": acc,

@@ -206,6 +206,45 @@ def _reusable_report(cfg, wd: Workdir):
     return report if _canon(json.loads(_canon(mine))) == _canon(theirs) else None
 
 
+# the audit settings that change a mode's attack results (the others choose rows or judge them)
+_ATTACK_SETTINGS = ("attack_images", "public_images", "kmeans_iters", "ridge", "noise_var", "num_figure_images")
+
+
+def _attacks_path(wd: Workdir, ext: str = "json") -> str:
+    return os.path.join(wd.root, f"audit_attacks.{ext}")
+
+
+def _attacks_key(cfg) -> str:
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("audit", "job")}
+    d["audit"] = {k: cfg.audit[k] for k in _ATTACK_SETTINGS}
+    return _canon(json.loads(_canon(d)))
+
+
+def _save_attacks(cfg, wd: Workdir, row: dict) -> dict:
+    """Keeps a mode's attack results beside its pipeline run, so that an interrupted audit run
+    again with audit.reuse repeats neither. Returns the numbers as written (plain JSON types)."""
+    np.savez(_attacks_path(wd, "tmp.npz"), originals=row["originals"], reconstructions=row["reconstructions"])
+    os.replace(_attacks_path(wd, "tmp.npz"), _attacks_path(wd, "npz"))
+    numbers = json.loads(json.dumps({k: row[k] for k in ("attacks", "figure_attack", "mean_image_baseline")},
+                                    default=float))
+    with open(_attacks_path(wd, "tmp.json"), "w") as f:
+        json.dump({"key": _attacks_key(cfg), **numbers}, f, indent=1)
+    os.replace(_attacks_path(wd, "tmp.json"), _attacks_path(wd))
+    return numbers
+
+
+def _reusable_attacks(cfg, wd: Workdir):
+    """The attack results _save_attacks kept for this very config in wd, or None."""
+    if not (os.path.isfile(_attacks_path(wd)) and os.path.isfile(_attacks_path(wd, "npz"))):
+        return None
+    with open(_attacks_path(wd)) as f:
+        row = json.load(f)
+    if row.get("key") != _attacks_key(cfg):
+        return None
+    with np.load(_attacks_path(wd, "npz")) as z:
+        return {**row, "originals": z["originals"], "reconstructions": z["reconstructions"]}
+
+
 def attack_mode(cfg, model: vit.ViTConfig, mode: modes_lib.EncryptionMode, wd: Workdir, data,
                 public_images: np.ndarray, log=print) -> tuple[dict, dict]:
     """Runs every attack on `mode`'s shards. Returns ({attack: numbers}, {attack: images})."""
@@ -352,7 +391,11 @@ def run_audit(config, workdir: str, log=print) -> dict:
         log(f"[audit] === {label} ===")
         t0 = time.perf_counter()
         report = _reusable_report(cfg, wd) if a.reuse else None
-        if report is None:
+        reused = report is not None
+        if not reused:
+            for ext in ("json", "npz"):  # the attacks of an earlier run of this folder
+                if os.path.isfile(_attacks_path(wd, ext)):
+                    os.remove(_attacks_path(wd, ext))
             parties.run_encrypt(cfg, model, mode, wd, data, log=log)
             if cfg.protocol == "model_upload":
                 parties.run_sites(cfg, model, mode, wd, wd.uploaded_sites(), log=log)
@@ -361,13 +404,23 @@ def run_audit(config, workdir: str, log=print) -> dict:
         else:
             log(f"[audit] {label}: reusing {wd.report} (same config; config.audit.reuse=True)")
         t_pipe = time.perf_counter() - t0
-        att, imgs = attack_mode(cfg, model, mode, wd, data, public, log=log)
+        row = _reusable_attacks(cfg, wd) if reused else None
+        if row is None:
+            att, imgs = attack_mode(cfg, model, mode, wd, data, public, log=log)
+            with_images = [k for k in att if att[k]["psnr_db"] is not None]
+            best = max(with_images, key=lambda k: att[k]["psnr_db"])
+            row = {"attacks": att, "figure_attack": best,
+                   "mean_image_baseline": attacks.mean_image_baseline(imgs["originals"], public),
+                   "originals": imgs["originals"][:a.num_figure_images],
+                   "reconstructions": imgs[best][:a.num_figure_images]}
+            row.update(_save_attacks(cfg, wd, row))
+        else:
+            log(f"[audit] {label}: reusing the attacks in {_attacks_path(wd)} (same config)")
+        att, best = row["attacks"], row["figure_attack"]
         if baseline is None:
-            baseline = attacks.mean_image_baseline(imgs["originals"], public)
-            figures["original"] = imgs["originals"][:a.num_figure_images]
-        with_images = [k for k in att if att[k]["psnr_db"] is not None]
-        best = max(with_images, key=lambda k: att[k]["psnr_db"])
-        figures[label] = imgs[best][:a.num_figure_images]
+            baseline = row["mean_image_baseline"]
+            figures["original"] = row["originals"]
+        figures[label] = row["reconstructions"]
         results[label] = {
             "mode": mode.name,
             "pos_noise_std": None if noise is None else float(noise),
