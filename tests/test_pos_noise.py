@@ -110,6 +110,9 @@ def test_audit_sweeps_pos_noise(tmp_path, monkeypatch):
                    for k in ("position_accuracy", "position_accuracy_any_orientation") if v.get(k) is not None)
         assert r["max_position_over_chance"] == pytest.approx(want)
         assert r["linear_accuracy"] == rep["modes"][r["row"]]["linear_accuracy"]
+        row_report = json.load(open(os.path.join(out, "modes", r["row"], "report.json")))
+        assert r["linear_accuracy_ci95"] == row_report["eval"]["linear"]["accuracy_ci95"]
+        assert r["linear_accuracy_ci95"][0] <= r["linear_accuracy"] <= r["linear_accuracy_ci95"][1]
     assert rep["best_reachable"]["row"] in labels
     assert os.path.getsize(os.path.join(out, "tradeoff.png")) > 0
     manifest = shards.read_manifest(Workdir(os.path.join(out, "modes", labels[1])).shards("site0"))

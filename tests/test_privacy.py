@@ -474,6 +474,13 @@ def test_rule_measures_an_oracle_scored_attack_against_its_null():
     rec, _, failures = audit.recommend({"paper": _row(0.758, 1.0, 0.038), "d": _row(0.73, 0.02, 0.038)},
                                        16.46, rule)
     assert rec is None and any("linear accuracy" in w for w in failures["d"])
+    # no row passes, each fails once: the note names the row within the cost limit whose clustering
+    # does least (4.2 x its null, not 5.0 x), as best_reachable does, whatever the rows' order
+    results = {"paper": _row(0.888, 1.0, 0.0276, psnr=67.8), "masked": _row(0.868, 0.153, 0.0305),
+               "noise2": _row(0.870, 0.117, 0.0276), "noise4": _row(0.860, 0.045, 0.0284)}
+    rec, note, _ = audit.recommend(results, 16.46, rule)
+    reachable = audit.best_reachable(audit.tradeoff(results, 16.46), rule)
+    assert rec is None and reachable["row"] == "noise2" and "closest: noise2," in note
 
 
 def test_score_reports_the_oracle_null_as_chance_level():

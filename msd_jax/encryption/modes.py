@@ -110,7 +110,8 @@ class EncryptionMode:
 
 
 # What the privacy audit measured an honest-but-curious server recovering in each part's mode
-# (docs/privacy.md, "Results on Br35H": the quick audit, 32 px, patch 4, mean-image guess 16.46 dB).
+# (docs/privacy.md: the quick audit, 32 px, patch 4, mean-image guess 16.46 dB; figures marked 64 px
+# from the demo-size audit, mean-image guess 15.32 dB).
 # A combination is as weak as its weakest claim, so the statement is picked by the parts present.
 _EXPOSURE = {
     "public_head": "the head is public: the server places 100 % of the tokens and rebuilds every image "
@@ -120,13 +121,13 @@ _EXPOSURE = {
                           "against 16.5 dB for the mean-image guess)",
     "secret_head": "head-free attacks group 100 % of the tokens by position (clustering) and rebuild "
                    "the images, mirrored, at 24.99 dB (SSIM 0.896) against 16.46 dB for the "
-                   "mean-image guess (moments)",
+                   "mean-image guess (moments; at 64 px 24.47 dB, SSIM 0.849, against 15.32 dB)",
     "secret_head_masked": "head-free clustering places 0.270 of the uploaded tokens (17.3 x chance); the "
                           "moments attack rebuilds below the mean-image guess (15.29 dB against 16.46 dB)",
     "secret_head_pos_noise": "at pos_noise_std 4 (the default) head-free clustering places 0.043 (32 px) / "
                              "0.045 (64 px) of the tokens, 1.2 / 1.6 x a random grouping, and every "
                              "reconstruction is below the mean-image guess; linear accuracy 0.753 against "
-                             "0.758 (32 px) and 0.862 against 0.885 (64 px) in paper; at 2 the clustering "
+                             "0.758 (32 px) and 0.860 against 0.888 (64 px) in paper; at 2 the clustering "
                              "places 0.117 at 64 px",
     "public_head_pos_noise": "not measured without secret_head; the public head still gives the "
                              "known-head attack the patch embedding",
